@@ -1,0 +1,76 @@
+"""timm support: the vit/deit/deit3/eva `Attention` family and swin's `WindowAttention`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from replacer.hookspecs import hookimpl
+from replacer_timm.adapters import TimmAttentionAdapter, TimmWindowAttentionAdapter
+
+
+@hookimpl
+def replacer_adapters() -> list:
+    return [TimmAttentionAdapter(), TimmWindowAttentionAdapter()]
+
+
+@hookimpl
+def replacer_load_model(source: str, pretrained: bool) -> nn.Module | None:
+    import timm
+
+    name = source.removeprefix("timm:")
+    if not (source.startswith("timm:") or timm.is_model(name)):
+        return None
+    if not timm.is_model(name):
+        from replacer.errors import ModelSourceError
+
+        raise ModelSourceError(f"timm has no model named '{name}' (see timm.list_models('*{name[:4]}*'))")
+    return timm.create_model(name, pretrained=pretrained)
+
+
+@hookimpl
+def replacer_describe_model(model: nn.Module) -> dict | None:
+    """timm models keep no record of their constructor arguments: infer the ones that shape the weights.
+
+    The guess is checked by building it on the meta device (no memory, no time) and comparing every
+    parameter shape; a model the guess does not reproduce gets no origin, and loading it needs base=.
+    """
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not type(model).__module__.startswith("timm.") or not cfg or not cfg.get("architecture"):
+        return None
+    origin = {"family": "timm", "architecture": cfg["architecture"], "kwargs": _size_arguments(model)}
+    with torch.device("meta"):
+        rebuilt = replacer_build_model(origin)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if shapes != {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}:
+        return None
+    return origin
+
+
+def _size_arguments(model: nn.Module) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"num_classes": getattr(model, "num_classes", 1000)}
+    patch_embed = getattr(model, "patch_embed", None)
+    if patch_embed is not None:
+        for attr in ("img_size", "patch_size"):
+            if getattr(patch_embed, attr, None) is not None:
+                kwargs[attr] = list(getattr(patch_embed, attr))
+        proj = getattr(patch_embed, "proj", None)
+        if isinstance(proj, nn.Conv2d):
+            kwargs["in_chans"] = proj.in_channels
+    blocks = getattr(model, "blocks", None)
+    if isinstance(blocks, nn.Sequential) and len(blocks) and hasattr(blocks[0], "attn"):
+        kwargs["depth"] = len(blocks)
+        kwargs["embed_dim"] = model.embed_dim
+        kwargs["num_heads"] = blocks[0].attn.num_heads
+    return kwargs
+
+
+@hookimpl
+def replacer_build_model(origin: dict) -> nn.Module | None:
+    if origin.get("family") != "timm":
+        return None
+    import timm
+
+    return timm.create_model(origin["architecture"], pretrained=False, **origin.get("kwargs", {}))

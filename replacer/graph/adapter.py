@@ -1,0 +1,86 @@
+"""The base every model-family adapter extends, and the module that stands where attention stood."""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from replacer.graph.site import LinearWeights, Site
+from replacer.mixer import Mixer
+
+
+class Unsupported(Exception):
+    """Raised by `Adapter.describe` for a module it recognises but cannot replace; the text is the reason."""
+
+
+class Adapter(abc.ABC):
+    """Knows one family of attention classes: how to recognise, measure, initialise from and wrap them."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def matches(self, module: nn.Module) -> bool:
+        """True if this adapter understands `module` (cheap: class and attributes only)."""
+
+    @abc.abstractmethod
+    def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
+        """The site for `module`, or raise `Unsupported(reason)`."""
+
+    @abc.abstractmethod
+    def value_projection(self, module: nn.Module, site: Site) -> LinearWeights | None:
+        """The value projection laid out as (num_heads * head_dim, d_model), grouped KV heads expanded."""
+
+    @abc.abstractmethod
+    def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> "ReplacedAttention":
+        """The module to install in place of `module`: same call signature and return convention."""
+
+
+class ReplacedAttention(nn.Module):
+    """Holds a mixer plus the parts of the original attention that are kept (its output projection).
+
+    Kept parts are stored under their original attribute names, so their state-dict keys are
+    unchanged. Subclasses (one per adapter) implement `forward` with the original calling
+    convention; `arguments` maps a call onto the original signature by name.
+    """
+
+    def __init__(self, site: Site, mixer: Mixer, original: nn.Module, kept: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.site = site
+        self.mixer = mixer
+        for attr in kept:
+            setattr(self, attr, getattr(original, attr))
+        self._signature = inspect.signature(original.forward)
+
+    def arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        return self._signature.bind(*args, **kwargs).arguments
+
+    def extra_repr(self) -> str:
+        return f"site={self.site.name!r}, adapter={self.site.adapter!r}"
+
+
+def padding_from_attention_mask(
+    mask: torch.Tensor | None, batch: int, query_len: int
+) -> torch.Tensor | None:
+    """A `(batch, query_len)` bool padding mask (True = real token) from whatever mask a layer receives.
+
+    Handles 2-D masks (1 = keep), and 3-D or 4-D boolean or additive masks `(B, [1|H,] Q, K)`: a key is real
+    when at least one query may attend to it, which holds for bidirectional and causal masks alike.
+    The last `query_len` keys are the current tokens (earlier ones are cached context).
+    """
+    if mask is None:
+        return None
+    if mask.dim() == 3:  # (B, Q, K) without a head axis
+        mask = mask[:, None]
+    if mask.dim() == 2:
+        keep = mask.bool()
+    elif mask.dim() == 4:
+        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        keep = allowed.any(dim=-2).all(dim=1)
+    else:
+        raise ValueError(f"cannot read a padding mask from an attention mask of shape {tuple(mask.shape)}")
+    keep = keep[:, -query_len:].expand(batch, query_len)
+    return None if bool(keep.all()) else keep

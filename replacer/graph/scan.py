@@ -1,0 +1,102 @@
+"""Walk a model, hand each module to the adapters, and report every attention site found."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from replacer.errors import NoAttentionError
+from replacer.graph.adapter import Adapter, Unsupported
+from replacer.graph.site import Site, UnsupportedSite
+
+_LOOKS_LIKE_ATTENTION = re.compile(r"attention|attn", re.IGNORECASE)
+
+
+@dataclass
+class ScanResult:
+    """The sites of one model; printing it shows a table of how each will be handled."""
+
+    model_name: str
+    sites: list[Site] = field(default_factory=list)
+    unsupported: list[UnsupportedSite] = field(default_factory=list)
+
+    def site(self, name: str) -> Site:
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise KeyError(name)
+
+    def __rich__(self) -> Table:
+        table = Table(title=f"{self.model_name}: {len(self.sites)} attention sites, {len(self.unsupported)} unsupported")
+        for col in ("#", "site", "class", "adapter", "width", "heads x dim", "kv heads", "causal", "handling"):
+            table.add_column(col, overflow="fold")
+        for s in self.sites:
+            table.add_row(
+                str(s.layer_index), s.name, s.cls, s.adapter, str(s.d_model), f"{s.num_heads} x {s.head_dim}",
+                str(s.num_kv_heads), "yes" if s.causal else "no",
+                "replace" + (f" ({s.note})" if s.note else ""),
+            )
+        for u in self.unsupported:
+            table.add_row("-", u.name, u.cls, "-", "", "", "", "", f"[red]unsupported: {u.reason}[/red]")
+        return table
+
+    def __str__(self) -> str:
+        console = Console(width=160, record=True, file=_Discard(), color_system=None)
+        console.print(self)
+        return console.export_text()
+
+
+class _Discard:
+    def write(self, _: str) -> int:
+        return 0
+
+    def flush(self) -> None:
+        pass
+
+
+def _class_path(module: nn.Module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def scan(model: nn.Module, adapters: list[Adapter] | None = None) -> ScanResult:
+    """Every attention site in `model`; modules that look like attention but are not understood are listed.
+
+    Raises NoAttentionError when nothing attention-like is found at all.
+    """
+    if adapters is None:
+        from replacer.plugins import get_registry
+
+        adapters = get_registry().adapters
+    result = ScanResult(model_name=type(model).__name__)
+    claimed: list[str] = []
+    lookalikes: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(c + ".") for c in claimed):
+            continue  # inside a site: its parts belong to it
+        adapter = next((a for a in adapters if a.matches(module)), None)
+        if adapter is None:
+            if name and _LOOKS_LIKE_ATTENTION.search(type(module).__name__):
+                lookalikes.append((name, module))
+            continue
+        claimed.append(name)
+        try:
+            result.sites.append(adapter.describe(name, module, layer_index=len(result.sites)))
+        except Unsupported as why:
+            result.unsupported.append(UnsupportedSite(name, _class_path(module), str(why)))
+    for name, module in lookalikes:
+        is_container = any(c.startswith(name + ".") for c in claimed)
+        if not is_container:
+            result.unsupported.append(
+                UnsupportedSite(name, _class_path(module), "no installed adapter recognises this class")
+            )
+    if not result.sites and not result.unsupported:
+        raise NoAttentionError(
+            f"{result.model_name} has no attention modules; replacer swaps attention blocks, so there is "
+            "nothing to replace (pass a transformer, or install an adapter plugin for this family)"
+        )
+    return result

@@ -1,0 +1,57 @@
+"""What a located attention module is, independent of the family it comes from."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Site:
+    """One attention module the engine can replace.
+
+    `out_dim` is the width of the merged heads the mixer must produce: the site's kept output
+    projection (if it owns one) maps it back to the model width.
+    """
+
+    name: str
+    cls: str
+    adapter: str
+    layer_index: int
+    d_model: int
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int
+    causal: bool
+    note: str = ""
+
+    @property
+    def out_dim(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def parent_name(self) -> str:
+        return self.name.rpartition(".")[0]
+
+    @property
+    def attr(self) -> str:
+        return self.name.rpartition(".")[2]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class UnsupportedSite:
+    """A module that looks like attention but that no adapter can replace, with the reason."""
+
+    name: str
+    cls: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class LinearWeights:
+    """A projection's weight (out, in) and bias, laid out per query head, for initialising mixers."""
+
+    weight: "torch.Tensor"  # noqa: F821
+    bias: "torch.Tensor | None" = field(default=None)  # noqa: F821

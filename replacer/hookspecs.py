@@ -1,0 +1,46 @@
+"""The hooks a replacer plugin may implement (pluggy project name: "replacer").
+
+A plugin is any importable object named by an entry point in the group `replacer`; its
+`@hookimpl` functions are collected. Each hook returns a list, so one plugin can provide several
+mixers, adapters or analyzers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pluggy
+
+PROJECT = "replacer"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def replacer_mixers() -> list:
+    """Return `replacer.MixerSpec` records for the sequence modules this plugin provides."""
+
+
+@hookspec
+def replacer_adapters() -> list:
+    """Return `replacer.Adapter` instances for the attention families this plugin understands."""
+
+
+@hookspec
+def replacer_analyzers() -> list:
+    """Return `replacer.AnalyzerSpec` records for analyzers that rank sites or heads for replacement."""
+
+
+@hookspec(firstresult=True)
+def replacer_describe_model(model: Any) -> dict | None:
+    """If this plugin's family owns `model`, return a JSON-able origin that `replacer_build_model` rebuilds."""
+
+
+@hookspec(firstresult=True)
+def replacer_build_model(origin: dict) -> Any:
+    """Rebuild a freshly initialised model from an origin this plugin described, else return None."""
+
+
+@hookspec(firstresult=True)
+def replacer_load_model(source: str, pretrained: bool) -> Any:
+    """If this plugin's family understands the source string (a name, a path), load and return the model."""

@@ -1,0 +1,79 @@
+"""Turning a source string into a model, and remembering where a model came from so it can be rebuilt."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from torch import nn
+
+from replacer.errors import CheckpointError, ModelSourceError
+from replacer.plugins import get_registry
+
+SOURCE_FORMS = (
+    "a timm model name (e.g. deit_tiny_patch16_224, or timm:NAME), a local Hugging Face model dir, "
+    "hf:ORG/NAME, an offline alias (minilm, smollm2) or module:callable"
+)
+
+
+def load_model(source: str, pretrained: bool = True) -> nn.Module:
+    """Load a model from any source form a family plugin (or `module:callable`) understands.
+
+    `pretrained=False` builds the architecture with random weights: enough to scan it, and what
+    tests use. Pretrained weights for hub models need the network or a local copy.
+    """
+    if _is_callable_source(source):
+        return _call_factory(source)
+    model = get_registry().load_model(source, pretrained)
+    if model is None:
+        raise ModelSourceError(f"cannot resolve model source '{source}'; give {SOURCE_FORMS}")
+    return model
+
+
+def _is_callable_source(source: str) -> bool:
+    module, sep, attr = source.partition(":")
+    return bool(sep) and module not in ("timm", "hf") and attr.isidentifier() and "/" not in module
+
+
+def _call_factory(source: str) -> nn.Module:
+    module_name, _, attr = source.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ModelSourceError(f"cannot import '{source}': {exc}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ModelSourceError(f"'{source}' returned a {type(model).__name__}, not a torch.nn.Module")
+    model.replacer_origin = {"family": "callable", "target": source}
+    return model
+
+
+def describe_origin(model: nn.Module) -> dict | None:
+    """A JSON-able description that rebuilds `model`'s architecture, or None if no family knows it."""
+    return getattr(model, "replacer_origin", None) or get_registry().describe_model(model)
+
+
+def build_from_origin(origin: dict | None) -> nn.Module:
+    """A freshly initialised model from `describe_origin`'s output."""
+    if origin is None:
+        raise CheckpointError(
+            "the checkpoint does not say how to rebuild its base model; pass base=<a model of the same architecture>"
+        )
+    if origin.get("family") == "callable":
+        return _call_factory(origin["target"])
+    model = get_registry().build_model(origin)
+    if model is None:
+        raise CheckpointError(
+            f"no installed plugin rebuilds models of family '{origin.get('family')}'; install it or pass base="
+        )
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def model_identity(model: Any) -> str:
+    origin = describe_origin(model) or {}
+    return origin.get("architecture") or origin.get("class") or origin.get("target") or type(model).__name__

@@ -1,0 +1,96 @@
+"""The engine: choose sites, build a mixer for each from a plugin, install it in the site's place."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Iterable
+
+from pydantic import BaseModel
+from torch import nn
+
+from replacer.errors import SiteSelectionError
+from replacer.graph.scan import ScanResult, scan
+from replacer.graph.site import Site
+from replacer.models import describe_origin
+from replacer.plugins import get_registry
+
+SiteSelector = str | int
+
+
+def select_sites(found: ScanResult, selectors: Iterable[SiteSelector] | None) -> list[Site]:
+    """Sites chosen by layer index, exact name or glob pattern (`*.attn`); None chooses every supported site."""
+    if selectors is None:
+        if not found.sites:
+            reasons = "; ".join(f"{u.name}: {u.reason}" for u in found.unsupported)
+            raise SiteSelectionError(f"no attention site in {found.model_name} can be replaced ({reasons})")
+        return list(found.sites)
+    chosen: dict[str, Site] = {}
+    for selector in selectors:
+        hits = _match(found, selector)
+        if not hits:
+            unsupported = [u for u in found.unsupported if isinstance(selector, str) and fnmatch.fnmatchcase(u.name, selector)]
+            if unsupported:
+                raise SiteSelectionError(f"site '{unsupported[0].name}' cannot be replaced: {unsupported[0].reason}")
+            names = ", ".join(s.name for s in found.sites[:4]) + (", ..." if len(found.sites) > 4 else "")
+            raise SiteSelectionError(
+                f"site selector {selector!r} matches no attention site; give layer indices "
+                f"0-{len(found.sites) - 1}, names or glob patterns (sites: {names})"
+            )
+        chosen.update((s.name, s) for s in hits)
+    return sorted(chosen.values(), key=lambda s: s.layer_index)
+
+
+def _match(found: ScanResult, selector: SiteSelector) -> list[Site]:
+    if isinstance(selector, int):
+        return [s for s in found.sites if s.layer_index == selector]
+    return [s for s in found.sites if s.name == selector or fnmatch.fnmatchcase(s.name, selector)]
+
+
+def replace(
+    model: nn.Module,
+    plugin: str = "lstm",
+    sites: Iterable[SiteSelector] | None = None,
+    options: BaseModel | dict | None = None,
+    inplace: bool = False,
+) -> nn.Module:
+    """Swap the selected attention sites of `model` for mixers from `plugin`.
+
+    By default the model is deep-copied and the copy is returned, so the original stays usable
+    as the teacher for distillation; `inplace=True` modifies and returns `model` itself (as PEFT's
+    `inject_adapter_in_model` does), for models too large to hold twice.
+    The returned model takes the same inputs as before and records what was replaced
+    (`model.replacer_record`), which `replacer.save` writes into the manifest.
+    """
+    registry = get_registry()
+    spec = registry.mixer(plugin)
+    validated = spec.validate_options(options)
+    found = scan(model, registry.adapters)
+    chosen = select_sites(found, sites)
+    record = copy.deepcopy(getattr(model, "replacer_record", None)) or {
+        "origin": describe_origin(model),
+        "replacements": [],
+    }
+    target = model if inplace else copy.deepcopy(model)
+    adapters = {a.name: a for a in registry.adapters}
+    for site in chosen:
+        original = target.get_submodule(site.name)
+        adapter = adapters[site.adapter]
+        mixer = spec.build(site, validated, adapter.value_projection(original, site))
+        reference = next(original.parameters(), None)
+        if reference is not None:
+            mixer.to(device=reference.device, dtype=reference.dtype)
+        mixer.train(original.training)
+        setattr(target.get_submodule(site.parent_name), site.attr, adapter.wrap(site, original, mixer))
+    provider = registry.provider(f"mixer:{plugin}")
+    record["replacements"].append(
+        {
+            "plugin": plugin,
+            "distribution": provider.distribution,
+            "version": provider.version,
+            "options": validated.model_dump(mode="json"),
+            "sites": [s.to_dict() for s in chosen],
+        }
+    )
+    target.replacer_record = record
+    return target
