@@ -27,24 +27,32 @@ def select_sites(found: ScanResult, selectors: Iterable[SiteSelector] | None) ->
         return list(found.sites)
     chosen: dict[str, Site] = {}
     for selector in selectors:
-        hits = _match(found, selector)
+        hits = _match(found.sites, selector)
         if not hits:
-            unsupported = [u for u in found.unsupported if isinstance(selector, str) and fnmatch.fnmatchcase(u.name, selector)]
+            done = _match(found.replaced, selector)
+            if done:
+                raise SiteSelectionError(f"site '{done[0].name}' is already replaced; select the sites still running attention")
+            unsupported = [u for u in found.unsupported if isinstance(selector, str) and _glob(u.name, selector)]
             if unsupported:
                 raise SiteSelectionError(f"site '{unsupported[0].name}' cannot be replaced: {unsupported[0].reason}")
             names = ", ".join(s.name for s in found.sites[:4]) + (", ..." if len(found.sites) > 4 else "")
+            indices = ", ".join(str(s.layer_index) for s in found.sites)
             raise SiteSelectionError(
-                f"site selector {selector!r} matches no attention site; give layer indices "
-                f"0-{len(found.sites) - 1}, names or glob patterns (sites: {names})"
+                f"site selector {selector!r} matches no replaceable attention site; give a layer index "
+                f"({indices}), a name or a glob pattern (sites: {names})"
             )
         chosen.update((s.name, s) for s in hits)
     return sorted(chosen.values(), key=lambda s: s.layer_index)
 
 
-def _match(found: ScanResult, selector: SiteSelector) -> list[Site]:
+def _glob(name: str, selector: str) -> bool:
+    return name == selector or fnmatch.fnmatchcase(name, selector)
+
+
+def _match(sites: list[Site], selector: SiteSelector) -> list[Site]:
     if isinstance(selector, int):
-        return [s for s in found.sites if s.layer_index == selector]
-    return [s for s in found.sites if s.name == selector or fnmatch.fnmatchcase(s.name, selector)]
+        return [s for s in sites if s.layer_index == selector]
+    return [s for s in sites if _glob(s.name, selector)]
 
 
 def replace(

@@ -60,7 +60,7 @@ def _size_arguments(model: nn.Module) -> dict[str, Any]:
         if isinstance(proj, nn.Conv2d):
             kwargs["in_chans"] = proj.in_channels
     blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, nn.Sequential) and len(blocks) and hasattr(blocks[0], "attn"):
+    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) and hasattr(blocks[0], "attn"):
         kwargs["depth"] = len(blocks)
         kwargs["embed_dim"] = model.embed_dim
         kwargs["num_heads"] = blocks[0].attn.num_heads

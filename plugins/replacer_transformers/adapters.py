@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -24,6 +26,11 @@ def _expand_kv_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.T
     """(kv_heads * hd, ...) -> (heads * hd, ...): each query head gets the KV head its group shares."""
     grouped = weight.reshape(kv_heads, -1, *weight.shape[1:])
     return grouped.repeat_interleave(heads // kv_heads, dim=0).reshape(-1, *weight.shape[1:])
+
+
+def _rope_note(module: nn.Module) -> str:
+    takes_rope = "position_embeddings" in inspect.signature(module.forward).parameters
+    return "rotary position embedding dropped: the recurrence carries order" if takes_rope else ""
 
 
 class HFReplacedAttention(ReplacedAttention):
@@ -110,7 +117,7 @@ class HFProjectedAttentionAdapter(Adapter):
             name=name, cls=type(module).__name__, adapter=self.name, layer_index=layer_index,
             d_model=module.q_proj.in_features, num_heads=heads, head_dim=head_dim, num_kv_heads=kv_heads,
             causal=bool(getattr(module, "is_causal", False)),
-            note="position embedding inside attention (if any) dropped: the recurrence carries order",
+            note=_rope_note(module),
         )
 
     def value_projection(self, module: nn.Module, site: Site) -> LinearWeights:

@@ -10,7 +10,7 @@ from rich.table import Table
 from torch import nn
 
 from replacer.errors import NoAttentionError
-from replacer.graph.adapter import Adapter, Unsupported
+from replacer.graph.adapter import Adapter, ReplacedAttention, Unsupported
 from replacer.graph.site import Site, UnsupportedSite
 
 _LOOKS_LIKE_ATTENTION = re.compile(r"attention|attn", re.IGNORECASE)
@@ -23,6 +23,7 @@ class ScanResult:
     model_name: str
     sites: list[Site] = field(default_factory=list)
     unsupported: list[UnsupportedSite] = field(default_factory=list)
+    replaced: list[Site] = field(default_factory=list)
 
     def site(self, name: str) -> Site:
         for site in self.sites:
@@ -31,14 +32,18 @@ class ScanResult:
         raise KeyError(name)
 
     def __rich__(self) -> Table:
-        table = Table(title=f"{self.model_name}: {len(self.sites)} attention sites, {len(self.unsupported)} unsupported")
+        table = Table(
+            title=f"{self.model_name}: {len(self.sites)} attention sites, {len(self.replaced)} already replaced, "
+            f"{len(self.unsupported)} unsupported"
+        )
         for col in ("#", "site", "class", "adapter", "width", "heads x dim", "kv heads", "causal", "handling"):
             table.add_column(col, overflow="fold")
-        for s in self.sites:
+        rows = [(s, "replace" + (f" ({s.note})" if s.note else "")) for s in self.sites]
+        rows += [(s, "[green]replaced[/green]") for s in self.replaced]
+        for s, handling in sorted(rows, key=lambda row: row[0].layer_index):
             table.add_row(
                 str(s.layer_index), s.name, s.cls, s.adapter, str(s.d_model), f"{s.num_heads} x {s.head_dim}",
-                str(s.num_kv_heads), "yes" if s.causal else "no",
-                "replace" + (f" ({s.note})" if s.note else ""),
+                str(s.num_kv_heads), "yes" if s.causal else "no", handling,
             )
         for u in self.unsupported:
             table.add_row("-", u.name, u.cls, "-", "", "", "", "", f"[red]unsupported: {u.reason}[/red]")
@@ -78,6 +83,10 @@ def scan(model: nn.Module, adapters: list[Adapter] | None = None) -> ScanResult:
     for name, module in model.named_modules():
         if any(name.startswith(c + ".") for c in claimed):
             continue  # inside a site: its parts belong to it
+        if isinstance(module, ReplacedAttention):
+            claimed.append(name)
+            result.replaced.append(module.site)
+            continue
         adapter = next((a for a in adapters if a.matches(module)), None)
         if adapter is None:
             if name and _LOOKS_LIKE_ATTENTION.search(type(module).__name__):
@@ -85,7 +94,8 @@ def scan(model: nn.Module, adapters: list[Adapter] | None = None) -> ScanResult:
             continue
         claimed.append(name)
         try:
-            result.sites.append(adapter.describe(name, module, layer_index=len(result.sites)))
+            index = len(result.sites) + len(result.replaced)
+            result.sites.append(adapter.describe(name, module, layer_index=index))
         except Unsupported as why:
             result.unsupported.append(UnsupportedSite(name, _class_path(module), str(why)))
     for name, module in lookalikes:
@@ -94,7 +104,7 @@ def scan(model: nn.Module, adapters: list[Adapter] | None = None) -> ScanResult:
             result.unsupported.append(
                 UnsupportedSite(name, _class_path(module), "no installed adapter recognises this class")
             )
-    if not result.sites and not result.unsupported:
+    if not (result.sites or result.unsupported or result.replaced):
         raise NoAttentionError(
             f"{result.model_name} has no attention modules; replacer swaps attention blocks, so there is "
             "nothing to replace (pass a transformer, or install an adapter plugin for this family)"

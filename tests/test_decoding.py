@@ -1,0 +1,62 @@
+"""generate() on replaced causal LMs: the mixer state lives in the model's cache and decoding is exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import replacer
+from conftest import tiny_gpt2, tiny_llama
+from replacer_transformers.cache import MixerStateLayer
+
+FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def greedy_by_full_recompute(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    for _ in range(steps):
+        logits = model(ids, use_cache=False).logits
+        ids = torch.cat((ids, logits[:, -1:].argmax(-1)), dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("family", sorted(FACTORIES))
+@pytest.mark.parametrize("sites", [None, [1]], ids=["all", "half"])
+def test_greedy_generate_equals_full_recompute(family, sites):
+    torch.manual_seed(0)
+    student = replacer.replace(FACTORIES[family]().eval(), sites=sites)
+    ids = torch.randint(1, 100, (1, 6))
+    generated = student.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
+    assert generated.shape == (1, 14)
+    torch.testing.assert_close(generated, greedy_by_full_recompute(student, ids, 8))
+
+
+def test_cache_holds_mixer_state_not_keys():
+    torch.manual_seed(0)
+    student = replacer.replace(tiny_llama().eval(), sites=[0])
+    cache = DynamicCache(config=student.config)
+    student(torch.randint(1, 100, (2, 5)), past_key_values=cache, use_cache=True)
+    assert isinstance(cache.layers[0], MixerStateLayer) and cache.layers[0].keys is None
+    assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == 5
+    h, c = cache.layers[0].state
+    assert h.shape == c.shape == (2, 4, 8)  # batch, heads, hidden: constant in the sequence length
+
+
+def test_left_padded_batch_generates_like_each_row_alone():
+    torch.manual_seed(0)
+    student = replacer.replace(tiny_llama().eval())
+    short, long = torch.randint(1, 100, (1, 3)), torch.randint(1, 100, (1, 6))
+    ids = torch.cat((torch.cat((torch.zeros(1, 3, dtype=torch.long), short), 1), long))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    batch = student.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    alone = student.generate(short, max_new_tokens=5, do_sample=False, min_new_tokens=5)
+    torch.testing.assert_close(batch[0, 3:], alone[0])
+
+
+def test_beam_search_and_several_return_sequences_run():
+    torch.manual_seed(0)
+    student = replacer.replace(tiny_gpt2().eval())
+    ids = torch.randint(1, 100, (2, 4))
+    out = student.generate(ids, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, min_new_tokens=4)
+    assert out.shape == (4, 8)
