@@ -43,8 +43,11 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory(dir=out, prefix=".saving-") as tmp:
         save_safetensors(model, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT})
         Path(tmp, MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        os.replace(os.path.join(tmp, WEIGHTS), out / WEIGHTS)
-        os.replace(os.path.join(tmp, MANIFEST), out / MANIFEST)
+        umask = os.umask(0)
+        os.umask(umask)
+        for name in (WEIGHTS, MANIFEST):  # temp files are private; the checkpoint gets ordinary permissions
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+            os.replace(os.path.join(tmp, name), out / name)
     return out
 
 

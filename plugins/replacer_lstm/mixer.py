@@ -120,11 +120,11 @@ class MultiHeadLSTM(Mixer):
         else:
             hx, cx = (s.transpose(0, 1) for s in state)
         outputs = []
-        for t in range(N):
+        for t in range(N):  # gates are laid out [input, forget, output | candidate]: one sigmoid, one tanh
             g = torch.baddbmm(gates_x[t], hx, w_hh)
-            i, f, c_in, o = g.chunk(4, dim=-1)
-            c_new = torch.sigmoid(f) * cx + torch.sigmoid(i) * torch.tanh(c_in)
-            h_new = torch.sigmoid(o) * torch.tanh(c_new)
+            ifo = g[..., : 3 * h].sigmoid()
+            c_new = torch.addcmul(ifo[..., h : 2 * h] * cx, ifo[..., :h], g[..., 3 * h :].tanh())
+            h_new = ifo[..., 2 * h :] * c_new.tanh()
             if keep is not None:  # padded steps leave the state untouched, in either direction
                 c_new = torch.where(keep_g[t], c_new, cx)
                 h_new = torch.where(keep_g[t], h_new, hx)
