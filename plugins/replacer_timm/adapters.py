@@ -50,7 +50,7 @@ class TimmAttentionAdapter(Adapter):
 
 
 class TimmReplacedAttention(ReplacedAttention):
-    def forward(self, *args, **kwargs) -> torch.Tensor:
+    def read_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         call = self.arguments(args, kwargs)
         x = call["x"]
         if call.get("is_causal") and not self.mixer.causal:
@@ -58,11 +58,16 @@ class TimmReplacedAttention(ReplacedAttention):
                 f"site '{self.site.name}' was called with is_causal=True but its mixer is bidirectional; "
                 "replace it with a causal mixer"
             )
-        padding = padding_from_attention_mask(call.get("attn_mask"), x.shape[0], x.shape[1])
+        return x, padding_from_attention_mask(call.get("attn_mask"), x.shape[0], x.shape[1])
+
+    def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         y = self.norm(self.mixer(x, padding))
         if self.gate is not None:
             y = y * self.gate(x).sigmoid()
         return self.proj_drop(self.proj(y))
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.mix(*self.read_call(args, kwargs))
 
 
 class TimmWindowAttentionAdapter(Adapter):
@@ -94,6 +99,11 @@ class TimmWindowAttentionAdapter(Adapter):
 
 
 class TimmReplacedWindowAttention(ReplacedAttention):
+    def read_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, None]:
+        return self.arguments(args, kwargs)["x"], None  # the shift mask is not padding: see the site note
+
+    def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        return self.proj_drop(self.proj(self.mixer(x, padding)))
+
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        x = self.arguments(args, kwargs)["x"]
-        return self.proj_drop(self.proj(self.mixer(x)))
+        return self.mix(*self.read_call(args, kwargs))

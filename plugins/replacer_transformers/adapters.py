@@ -51,10 +51,20 @@ class HFReplacedAttention(ReplacedAttention):
             y = getattr(self, attr)(y)
         return y
 
+    def read_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self._read(self.arguments(args, kwargs))
+
+    @staticmethod
+    def _read(call: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = call["hidden_states"]
+        return x, padding_from_attention_mask(call.get("attention_mask"), x.shape[0], x.shape[1])
+
+    def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        return self.project(self.mixer(x, padding))
+
     def forward(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
         call = self.arguments(args, kwargs)
-        x = call["hidden_states"]
-        padding = padding_from_attention_mask(call.get("attention_mask"), x.shape[0], x.shape[1])
+        x, padding = self._read(call)
         cache = call.get("past_key_values")
         if cache is not None and self.mixer.causal:
             from replacer_transformers.cache import mixer_state_layer
@@ -64,9 +74,8 @@ class HFReplacedAttention(ReplacedAttention):
             layer = mixer_state_layer(cache, self.cache_index)
             y, layer.state = self.mixer.forward_stateful(x, layer.state, padding)
             layer.seen += x.shape[1]
-        else:
-            y = self.mixer(x, padding)
-        return self.project(y), None
+            return self.project(y), None
+        return self.mix(x, padding), None
 
 
 class HFSelfAttentionAdapter(Adapter):

@@ -43,8 +43,9 @@ class ReplacedAttention(nn.Module):
     """Holds a mixer plus the parts of the original attention that are kept (its output projection).
 
     Kept parts are stored under their original attribute names, so their state-dict keys are
-    unchanged. Subclasses (one per adapter) implement `forward` with the original calling
-    convention; `arguments` maps a call onto the original signature by name.
+    unchanged. Subclasses (one per adapter) implement the original calling convention in three
+    pieces: `read_call` (a call -> input tensor and padding mask), `mix` (mixer plus kept output
+    path) and `forward`. Distillation uses `read_call` on the teacher's calls and `mix` to train.
     """
 
     def __init__(self, site: Site, mixer: Mixer, original: nn.Module, kept: tuple[str, ...] = ()) -> None:
@@ -57,6 +58,14 @@ class ReplacedAttention(nn.Module):
 
     def arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
         return self._signature.bind(*args, **kwargs).arguments
+
+    @abc.abstractmethod
+    def read_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The `(B, N, D)` input and `(B, N)` padding mask (or None) of a call to the original module."""
+
+    @abc.abstractmethod
+    def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """What the original module's main output would be: mixer, then the kept output path."""
 
     def extra_repr(self) -> str:
         return f"site={self.site.name!r}, adapter={self.site.adapter!r}"
