@@ -91,5 +91,43 @@ def replace(
     )
 
 
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override KEY.PATH=VALUE; repeatable"),
+) -> None:
+    """Check a recipe (and overrides) without running it."""
+    from replacer.recipe import load_recipe
+
+    try:
+        loaded = load_recipe(recipe, set_)
+    except ReplacerError as exc:
+        _fail(exc)
+    console.print(f"{recipe}: valid recipe '{loaded.name}' (run dir {loaded.directory})")
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override KEY.PATH=VALUE; repeatable"),
+    restart: bool = typer.Option(False, help="discard the run directory and start over"),
+) -> None:
+    """Run a recipe: distill, tune, evaluate, export. Run it again to resume after an interruption."""
+    from replacer.recipe import load_recipe
+    from replacer.run import run_recipe
+
+    try:
+        loaded = load_recipe(recipe, set_)
+        run_recipe(loaded, restart=restart, console=console)
+    except ReplacerError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        errors.print("interrupted: run the same command again to resume from the last checkpoint")
+        raise typer.Exit(code=130)
+    folder = loaded.directory
+    console.print((folder / "report.md").read_text(), markup=False, highlight=False)
+    console.print(f"report: {folder / 'report.md'} (all figures in {folder / 'report.json'})")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m replacer`
     sys.exit(app())

@@ -31,3 +31,7 @@ class CheckpointError(ReplacerError):
 
 class UnsupportedCallError(ReplacerError):
     """A replaced site was called in a way its mixer cannot honour (e.g. causal call on a bidirectional mixer)."""
+
+
+class DataError(ReplacerError):
+    """A data source is missing or unreadable."""

@@ -44,3 +44,8 @@ def replacer_build_model(origin: dict) -> Any:
 @hookspec(firstresult=True)
 def replacer_load_model(source: str, pretrained: bool) -> Any:
     """If this plugin's family understands the source string (a name, a path), load and return the model."""
+
+
+@hookspec(firstresult=True)
+def replacer_load_tokenizer(source: str) -> Any:
+    """If this plugin's family understands the source string, return its tokenizer (text models)."""

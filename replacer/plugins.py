@@ -82,7 +82,7 @@ class Registry:
         for spec in analyzers:
             self._analyzers[spec.name] = spec
             info.provides.append(f"analyzer:{spec.name}")
-        for hook in ("replacer_load_model", "replacer_describe_model", "replacer_build_model"):
+        for hook in ("replacer_load_model", "replacer_load_tokenizer", "replacer_describe_model", "replacer_build_model"):
             if _implements(self.manager, plugin, hook):
                 info.provides.append(hook.removeprefix("replacer_").replace("_", "-"))
 
@@ -118,6 +118,9 @@ class Registry:
 
     def load_model(self, source: str, pretrained: bool) -> Any:
         return self.manager.hook.replacer_load_model(source=source, pretrained=pretrained)
+
+    def load_tokenizer(self, source: str) -> Any:
+        return self.manager.hook.replacer_load_tokenizer(source=source)
 
     def describe_model(self, model: Any) -> dict | None:
         return self.manager.hook.replacer_describe_model(model=model)

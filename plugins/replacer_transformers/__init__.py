@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from replacer.hookspecs import hookimpl
 from replacer_transformers.adapters import GPT2AttentionAdapter, HFProjectedAttentionAdapter, HFSelfAttentionAdapter
-from replacer_transformers.loading import build_model, describe_model, load_model
+from replacer_transformers.loading import build_model, describe_model, load_model, load_tokenizer
 
 
 @hookimpl
@@ -15,6 +15,11 @@ def replacer_adapters() -> list:
 @hookimpl
 def replacer_load_model(source: str, pretrained: bool):
     return load_model(source, pretrained)
+
+
+@hookimpl
+def replacer_load_tokenizer(source: str):
+    return load_tokenizer(source)
 
 
 @hookimpl

@@ -38,19 +38,40 @@ OFFLINE_ALIASES = {
 }
 
 
-def load_model(source: str, pretrained: bool) -> Any:
-    """Resolve `source` if it names a transformers model: an offline alias, `hf:ID` or a local model dir."""
+def _resolve(source: str) -> tuple[Path | str, dict] | None:
+    """(where, from_pretrained extras) for an offline alias, `hf:ID` or a local model dir; else None."""
     alias = OFFLINE_ALIASES.get(source.lower())
     if alias == "all-MiniLM-L6-v2":
-        return _load_dir(minilm_dir(), pretrained)
+        return minilm_dir(), {}
     if alias == "SmolLM2-135M-Instruct":
-        return _load_dir(smollm2_dir(), pretrained, gguf_file=SMOLLM2_GGUF, causal_lm=True)
+        return smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
     if source.startswith("hf:"):
-        return _load_dir(source[3:], pretrained)
+        return source[3:], {}
     path = Path(source)
     if path.is_dir() and (path / "config.json").is_file():
-        return _load_dir(path, pretrained)
+        return path, {}
     return None
+
+
+def load_model(source: str, pretrained: bool) -> Any:
+    resolved = _resolve(source)
+    if resolved is None:
+        return None
+    where, extra = resolved
+    return _load_dir(where, pretrained, causal_lm="gguf_file" in extra, **extra)
+
+
+def load_tokenizer(source: str) -> Any:
+    resolved = _resolve(source)
+    if resolved is None:
+        return None
+    import transformers
+
+    where, extra = resolved
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(where), **extra)
+    except OSError as exc:
+        raise ModelSourceError(f"cannot load a tokenizer from '{where}': {exc}".splitlines()[0]) from None
 
 
 def _model_class(config: Any, causal_lm: bool) -> Any:
@@ -63,10 +84,9 @@ def _model_class(config: Any, causal_lm: bool) -> Any:
     return transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
 
 
-def _load_dir(where: Path | str, pretrained: bool, gguf_file: str | None = None, causal_lm: bool = False) -> Any:
+def _load_dir(where: Path | str, pretrained: bool, causal_lm: bool = False, **extra: Any) -> Any:
     import transformers
 
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         config = transformers.AutoConfig.from_pretrained(str(where), **extra)
         cls = _model_class(config, causal_lm)

@@ -1,0 +1,179 @@
+"""Block-wise distillation: every selected site's mixer learns its teacher site's input -> output map.
+
+Sites see the teacher's own inputs (not their replaced predecessors'), so they are independent:
+trained one after another, or spread over worker processes reading a disk cache. Each site
+checkpoints as it trains and writes its final mixer weights when done, so a resumed run skips
+finished sites and continues a half-trained one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from replacer.batches import BatchPlan
+from replacer.distill.capture import DiskStore, MemoryStore, capture_sites
+from replacer.distill.losses import site_loss
+from replacer.graph.adapter import ReplacedAttention
+from replacer.recipe import DistillSpec
+from replacer.tasks import Task
+from replacer.training_state import clear_state, load_state, save_state
+
+Store = MemoryStore | DiskStore
+Log = Callable[[dict], None]
+
+
+def lr_at(step: int, total: int, base: float) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the base rate."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def site_wrappers(student: nn.Module) -> dict[str, ReplacedAttention]:
+    return {name: m for name, m in student.named_modules() if isinstance(m, ReplacedAttention)}
+
+
+def capture(
+    teacher: nn.Module, task: Task, plan: BatchPlan, wrappers: dict[str, ReplacedAttention], spec: DistillSpec,
+    cache_dir: Path, advance: Callable[[], None],
+) -> dict[str, Store]:
+    """Run the teacher on calibration batches and keep each site's pairs (bounded in memory)."""
+    if spec.cache == "disk":
+        stores: dict[str, Store] = {n: DiskStore(cache_dir / n) for n in wrappers}
+        if (cache_dir / "complete").is_file():
+            return stores
+        for store in stores.values():  # a capture cut short is redone from the start
+            for f in store.folder.glob("*"):
+                f.unlink()
+        stores = {n: DiskStore(cache_dir / n) for n in wrappers}
+    else:
+        stores = {n: MemoryStore() for n in wrappers}
+    budget = int(spec.cache_max_gb * 2**30)
+    used = 0
+    teacher.eval()
+    for k in range(spec.calibration_batches):
+        with torch.no_grad(), capture_sites(teacher, wrappers) as records:
+            task.run(teacher, plan.batch(k))
+        for name, pairs in records.items():
+            for pair in pairs:
+                used += stores[name].add(pair)
+        advance()
+        if used > budget:
+            break
+    if spec.cache == "disk":
+        (cache_dir / "complete").write_text(str(spec.calibration_batches))
+    return stores
+
+
+def train_site(
+    wrapper: ReplacedAttention, store: Store, spec: DistillSpec, seed: int, state_path: Path,
+    advance: Callable[[], None] = lambda: None, log: Log = lambda _: None,
+) -> float:
+    """Train one site's mixer on its pairs; returns the mean loss of the last 10% of steps."""
+    params = dict(wrapper.mixer.named_parameters())
+    frozen = [p for n, p in wrapper.named_parameters() if not n.startswith("mixer.") and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = torch.optim.Adam(params.values(), lr=spec.lr)
+    meta = load_state(state_path, params, optimizer) or {"step": 0, "losses": []}
+    order = BatchPlan(range(len(store)), 1, collate=lambda items: items[0], seed=seed)
+    losses: list[float] = meta["losses"]
+    wrapper.train()
+    try:
+        for step in range(meta["step"], spec.steps):
+            x, y, keep = store.get(order.batch(step))
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, spec.steps, spec.lr)
+            loss = site_loss(spec.loss, wrapper.mix(x, keep), y, keep)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            log({"site": wrapper.site.name, "step": step + 1, "loss": losses[-1]})
+            advance()
+            if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
+                save_state(state_path, params, optimizer, {"step": step + 1, "losses": losses})
+    except KeyboardInterrupt:  # keep every finished step; the loss list says how many
+        save_state(state_path, params, optimizer, {"step": len(losses), "losses": losses})
+        raise
+    finally:
+        wrapper.eval()
+        for p in frozen:
+            p.requires_grad_(True)
+    tail = losses[-max(1, len(losses) // 10) :]
+    return sum(tail) / len(tail) if tail else float("nan")
+
+
+def _mixer_file(folder: Path, site: str) -> Path:
+    return folder / f"{site}.safetensors"
+
+
+def _finish(wrapper: ReplacedAttention, folder: Path, state_path: Path) -> None:
+    tmp = folder / f"{wrapper.site.name}.tmp"
+    save_file({k: v.detach().contiguous() for k, v in wrapper.mixer.state_dict().items()}, str(tmp))
+    os.replace(tmp, _mixer_file(folder, wrapper.site.name))
+    clear_state(state_path)
+
+
+def _train_in_worker(wrapper: ReplacedAttention, cache: Path, spec: DistillSpec, seed: int, folder: Path, threads: int) -> tuple[str, float]:
+    torch.set_num_threads(threads)
+    state = folder / f"{wrapper.site.name}.partial"
+    loss = train_site(wrapper, DiskStore(cache / wrapper.site.name), spec, seed, state)
+    _finish(wrapper, folder, state)
+    return wrapper.site.name, loss
+
+
+def distill_blockwise(
+    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSpec, folder: Path,
+    seed: int, progress: "RunProgress", log: Log,  # noqa: F821 - defined in replacer.run
+) -> dict[str, float]:
+    """Distill every replaced site of `student`; returns the final loss per site."""
+    folder.mkdir(parents=True, exist_ok=True)
+    wrappers = site_wrappers(student)
+    results: dict[str, float] = {}
+    todo = {}
+    for name, wrapper in wrappers.items():
+        done = _mixer_file(folder, name)
+        if done.is_file():
+            wrapper.mixer.load_state_dict(load_file(str(done)))
+            results[name] = float("nan")
+        else:
+            todo[name] = wrapper
+    if not todo:
+        return results
+    with progress.task("distill: capture teacher pairs", spec.calibration_batches) as advance:
+        stores = capture(teacher, task, plan, todo, spec, folder / "cache", advance)
+    if spec.workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // spec.workers)
+        with progress.task(f"distill: {len(todo)} sites on {spec.workers} workers", len(todo)) as advance:
+            with ProcessPoolExecutor(spec.workers, mp_context=get_context("spawn")) as pool:
+                futures = [
+                    pool.submit(_train_in_worker, w, folder / "cache", spec, seed + w.site.layer_index, folder, threads)
+                    for w in todo.values()
+                ]
+                for future in futures:
+                    name, loss = future.result()
+                    todo[name].mixer.load_state_dict(load_file(str(_mixer_file(folder, name))))
+                    results[name] = loss
+                    log({"site": name, "final_loss": loss})
+                    advance()
+        return results
+    for name, wrapper in todo.items():
+        state = folder / f"{name}.partial"
+        with progress.task(f"distill: {name}", spec.steps) as advance:
+            results[name] = train_site(wrapper, stores[name], spec, seed + wrapper.site.layer_index, state, advance, log)
+        _finish(wrapper, folder, state)
+        log({"site": name, "final_loss": results[name]})
+    return results

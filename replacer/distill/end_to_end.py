@@ -1,0 +1,77 @@
+"""End-to-end tuning: the whole student against the teacher, task loss plus knowledge distillation."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from replacer.batches import BatchPlan
+from replacer.distill.blockwise import lr_at
+from replacer.errors import ReplacerError
+from replacer.recipe import TuneSpec
+from replacer.tasks import Task
+from replacer.training_state import load_state, save_state
+
+
+def trainable_parameters(student: nn.Module, which: str | list[str]) -> dict[str, nn.Parameter]:
+    """`mixers` (default), `all`, or glob patterns over parameter names."""
+    named = dict(student.named_parameters())
+    if which == "all":
+        return named
+    patterns = ["*.mixer.*"] if which == "mixers" else which
+    chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
+    if not chosen:
+        raise ReplacerError(f"tune.train {which!r} matches no parameter (names look like {next(iter(named))})")
+    return chosen
+
+
+def tune_end_to_end(
+    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: TuneSpec, state_path: Path,
+    advance: Callable[[], None], log: Callable[[dict], None],
+) -> float:
+    """Train the chosen parameters, resuming from `state_path` (the caller clears it once the result is saved).
+
+    Returns the mean loss of the last 10% of steps.
+    """
+    params = trainable_parameters(student, spec.train)
+    saved_flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    for name, p in student.named_parameters():
+        p.requires_grad_(name in params)
+    optimizer = torch.optim.Adam(params.values(), lr=spec.lr)
+    meta = load_state(state_path, params, optimizer) or {"step": 0, "losses": []}
+    losses: list[float] = meta["losses"]
+    teacher.eval()
+    student.eval()  # dropout off: the student should reproduce the teacher's deterministic function
+    try:
+        for step in range(meta["step"], spec.steps):
+            batch = plan.batch(step)
+            with torch.no_grad():
+                target = task.run(teacher, batch)
+            out = task.run(student, batch)
+            loss = spec.kd_weight * task.distill_loss(out, target, batch, spec.temperature)
+            supervised = task.task_loss(out, batch) if spec.task_weight > 0 else None
+            if supervised is not None:
+                loss = loss + spec.task_weight * supervised
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, spec.steps, spec.lr)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            log({"stage": "tune", "step": step + 1, "loss": losses[-1]})
+            advance()
+            if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
+                save_state(state_path, params, optimizer, {"step": step + 1, "losses": losses})
+    except KeyboardInterrupt:  # keep every finished step; the loss list says how many
+        save_state(state_path, params, optimizer, {"step": len(losses), "losses": losses})
+        raise
+    finally:
+        for name, p in student.named_parameters():
+            p.requires_grad_(saved_flags[name])
+    tail = losses[-max(1, len(losses) // 10) :]
+    return sum(tail) / len(tail) if tail else float("nan")

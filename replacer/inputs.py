@@ -1,0 +1,123 @@
+"""From a recipe's model and data sections to a teacher, a tokenizer and example lists, failing fast.
+
+Everything a run needs from outside (weights, data folders) is checked before any work starts,
+and all that is missing is reported in one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import ConcatDataset
+
+from replacer.errors import ModelSourceError, ReplacerError
+from replacer.models import load_model
+from replacer.plugins import get_registry
+from replacer.recipe import DataSource, DigitsData, IdxData, ImageFolderData, ModelSpec, Recipe, TextData
+
+
+class MissingInputError(ReplacerError):
+    """Weights or data a recipe names are not on this machine."""
+
+
+def _missing_data(section: str, sources: list[DataSource]) -> list[str]:
+    problems = []
+    for i, source in enumerate(sources):
+        where = f"data.{section}[{i}]"
+        if isinstance(source, ImageFolderData) and not source.root.is_dir():
+            problems.append(f"{where}.root {source.root} does not exist (point it at an ImageNet-style class-folder copy)")
+        if isinstance(source, IdxData) and not source.folder.is_dir():
+            problems.append(
+                f"{where}.folder {source.folder} does not exist (apt-get install dataset-fashion-mnist, or point it at the IDX files)"
+            )
+    return problems
+
+
+def load_teacher(spec: ModelSpec) -> nn.Module:
+    """The teacher, from the hub/offline package or from a local weights file (never unpickled)."""
+    if spec.checkpoint is None:
+        return load_model(spec.source, pretrained=spec.pretrained).eval()
+    if not spec.checkpoint.is_file():
+        raise MissingInputError(f"model.checkpoint {spec.checkpoint} does not exist")
+    model = load_model(spec.source, pretrained=False)
+    state = read_weights(spec.checkpoint)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelSourceError(
+            f"model.checkpoint {spec.checkpoint} does not fit {spec.source}: {str(exc).splitlines()[1].strip()}"
+        ) from None
+    return model.eval()
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors, or from .pth/.bin with `weights_only=True` (no arbitrary unpickling)."""
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
+        raise ModelSourceError(f"model.checkpoint {path} cannot be read: {str(exc).splitlines()[0]}") from None
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelSourceError(f"model.checkpoint {path} holds no state dict")
+    return state
+
+
+def preflight(recipe: Recipe) -> nn.Module:
+    """Load the teacher and check the data folders; report every missing input in one line."""
+    problems = _missing_data("train", recipe.data.train) + _missing_data("eval", recipe.data.eval)
+    teacher = None
+    try:
+        teacher = load_teacher(recipe.model)
+    except ReplacerError as exc:
+        problems.insert(0, str(exc))
+    if problems:
+        raise MissingInputError("; ".join(problems))
+    return teacher
+
+
+def load_tokenizer(recipe: Recipe) -> Any:
+    source = recipe.model.tokenizer or recipe.model.source
+    return get_registry().load_tokenizer(source) if is_text(recipe) else None
+
+
+def is_text(recipe: Recipe) -> bool:
+    kinds = {isinstance(s, TextData) for s in recipe.data.train + recipe.data.eval}
+    if len(kinds) > 1:
+        raise ReplacerError("data.train and data.eval mix text and image sources; use one kind")
+    return kinds == {True}
+
+
+def _text_options(source: TextData) -> dict[str, str]:
+    """The per-source fields that apply: jsonl reads a field, hf a field of a split."""
+    kind = source.source.partition(":")[0]
+    return {"jsonl": {"field": source.field}, "hf": {"field": source.field, "split": source.split}}.get(kind, {})
+
+
+def load_examples(sources: list[DataSource], seed: int) -> Sequence[Any]:
+    """Texts (a list of strings) or an image dataset, from every source of one section."""
+    if all(isinstance(s, TextData) for s in sources):
+        from replacer.data.text import load_texts
+
+        texts: list[str] = []
+        for s in sources:
+            texts += load_texts(s.source, limit=s.limit, seed=seed, **_text_options(s))
+        return texts
+    from replacer.data.images import IdxImageDataset, ImageFolderDataset, digits_dataset
+
+    parts = []
+    for s in sources:
+        if isinstance(s, ImageFolderData):
+            parts.append(ImageFolderDataset(s.root, image_size=s.image_size, limit=s.limit))
+        elif isinstance(s, IdxData):
+            parts.append(IdxImageDataset(s.folder, split=s.split, limit=s.limit))
+        elif isinstance(s, DigitsData):
+            parts.append(digits_dataset(s.split, seed=seed))
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)

@@ -1,0 +1,211 @@
+"""Recipes: one YAML file that says what to convert, with what, trained how, and evaluated how.
+
+Validated by pydantic with unknown keys rejected; errors become one line with the field path and a
+hint. `--set a.b=value` overrides are applied to the raw YAML before validation, so they are
+validated exactly like the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+
+from replacer.errors import ReplacerError
+
+
+class RecipeError(ReplacerError):
+    """A recipe file or override is invalid."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(Strict):
+    source: str = Field(description="timm name, HF model dir, hf:ID, minilm, smollm2 or module:callable")
+    pretrained: bool = Field(True, description="load pretrained weights (from the hub or the offline package)")
+    checkpoint: Path | None = Field(None, description="local weights file (.safetensors, .pth, .bin) to load instead")
+    tokenizer: str | None = Field(None, description="tokenizer source for text models (default: the model source)")
+    task: Literal["auto", "embedding", "classification", "causal-lm"] = Field(
+        "auto", description="what the model computes; decides losses and metrics"
+    )
+
+
+class TextData(Strict):
+    kind: Literal["text"] = "text"
+    source: str = Field(description="docstrings, wordnet, fortunes, file:PATH, jsonl:PATH or hf:NAME")
+    limit: PositiveInt | None = None
+    field: str = "text"
+    split: str = "train"
+    max_length: PositiveInt = 128
+
+
+class ImageFolderData(Strict):
+    kind: Literal["image-folder"]
+    root: Path
+    image_size: PositiveInt = 224
+    limit: PositiveInt | None = None
+
+
+class IdxData(Strict):
+    kind: Literal["idx"]
+    folder: Path = Path("/usr/share/datasets/fashion-mnist")
+    split: Literal["train", "test"] = "train"
+    limit: PositiveInt | None = None
+
+
+class DigitsData(Strict):
+    kind: Literal["digits"]
+    split: Literal["train", "test"] = "train"
+
+
+DataSource = Annotated[Union[TextData, ImageFolderData, IdxData, DigitsData], Field(discriminator="kind")]
+
+
+class DataSpec(Strict):
+    train: list[DataSource] = Field(min_length=1, description="mixed in equal shares by example count")
+    eval: list[DataSource] = Field(min_length=1, description="held out; ideally another source than train")
+    batch_size: PositiveInt = 32
+
+
+class MixerChoice(Strict):
+    plugin: str = "lstm"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class DistillSpec(Strict):
+    enabled: bool = True
+    steps: int = Field(500, ge=0, description="optimizer steps per site")
+    lr: float = Field(3e-3, gt=0)
+    loss: Literal["mse", "cosine", "mse+cosine"] = "mse"
+    calibration_batches: PositiveInt = Field(64, description="teacher batches captured per site")
+    cache: Literal["memory", "disk"] = "memory"
+    cache_max_gb: float = Field(2.0, gt=0, description="memory cache bound; capture stops early at the bound")
+    workers: PositiveInt = Field(1, description="processes training sites in parallel (disk cache)")
+    checkpoint_every: PositiveInt = 100
+
+
+class TuneSpec(Strict):
+    enabled: bool = True
+    steps: int = Field(200, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    train: Literal["mixers", "all"] | list[str] = Field("mixers", description="mixers, all, or glob patterns")
+    kd_weight: float = Field(1.0, ge=0)
+    task_weight: float = Field(1.0, ge=0, description="weight of the task loss where data has labels")
+    temperature: float = Field(1.0, gt=0, description="logit distillation temperature")
+    checkpoint_every: PositiveInt = 50
+
+
+class EvalSpec(Strict):
+    baseline: bool = Field(True, description="also evaluate the same mixers without distillation")
+    latency: bool = True
+    latency_repeats: PositiveInt = 10
+    site_error_batches: PositiveInt = 2
+
+
+class ExportSpec(Strict):
+    enabled: bool = True
+
+
+class Recipe(Strict):
+    name: str
+    seed: int = 0
+    run_dir: Path | None = Field(None, description="default: runs/<name>")
+    model: ModelSpec
+    data: DataSpec
+    sites: Literal["all"] | list[int | str] = "all"
+    mixer: MixerChoice = Field(default_factory=MixerChoice)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    tune: TuneSpec = Field(default_factory=TuneSpec)
+    evaluate: EvalSpec = Field(default_factory=EvalSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+
+    @property
+    def directory(self) -> Path:
+        return self.run_dir or Path("runs") / self.name
+
+    def fingerprint(self) -> str:
+        """What makes two runs the same run (the run dir itself excluded)."""
+        data = self.model_dump(mode="json", exclude={"run_dir"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """`a.b.c=value` (value parsed as YAML) into the raw recipe mapping."""
+    path, sep, value = assignment.partition("=")
+    if not sep or not path:
+        raise RecipeError(f"--set {assignment!r} is not KEY.PATH=VALUE (e.g. --set distill.steps=2)")
+    node = raw
+    keys = path.split(".")
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {path}: '{key}' is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(value)
+
+
+def _explain(exc: ValidationError, origin: str) -> str:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"] if not (isinstance(p, str) and p in ("text", "image-folder", "idx", "digits"))]
+    field = ".".join(loc) or "(recipe)"
+    if err["type"] == "extra_forbidden":
+        parent_model = _model_at(Recipe, err["loc"][:-1])
+        known = list(parent_model.model_fields) if parent_model else []
+        close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"known fields: {', '.join(known)}"
+        return f"{origin}: {field}: unknown field ({hint})"
+    if err["type"] == "missing":
+        return f"{origin}: {field}: required field is missing"
+    return f"{origin}: {field}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at `loc` (to list its known fields in a hint)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or current is None:
+            continue
+        if part in ("text", "image-folder", "idx", "digits"):
+            current = {"text": TextData, "image-folder": ImageFolderData, "idx": IdxData, "digits": DigitsData}[part]
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return None
+        current = _first_model(field.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _first_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override and validate a recipe; any problem is a one-line RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} does not exist (the files in recipes/ are examples)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of sections (name, model, data, ...)")
+    for assignment in overrides or []:
+        apply_override(raw, assignment)
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_explain(exc, str(path))) from None

@@ -1,0 +1,74 @@
+"""report.json (every number) and report.md (what a person reads) for a finished run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from replacer.recipe import Recipe
+from replacer.tasks import Task
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "-"
+        return f"{value:,.4f}" if abs(value) < 100 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(folder: Path, recipe: Recipe, task: Task, state: dict, metrics: dict) -> dict[str, Any]:
+    report = {
+        "recipe": recipe.name,
+        "model": recipe.model.source,
+        "plugin": recipe.mixer.plugin,
+        "options": recipe.mixer.options,
+        "task": task.name,
+        "headline_metric": task.headline,
+        "stages": state["stages"],
+        **metrics,
+    }
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    (folder / "report.md").write_text(render_markdown(report))
+    return report
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    fidelity = report["fidelity"]
+    models = list(fidelity)
+    names = list(next(iter(fidelity.values())))
+    parts = [
+        f"# {report['recipe']}: {report['model']} -> {report['plugin']}",
+        f"Task: {report['task']}. Student and baseline share the same mixers and initialisation; "
+        "the baseline skips distillation.",
+        "## Fidelity to the teacher (held-out data)",
+        _table(["metric", *models], [[n, *(fidelity[m][n] for m in models)] for n in names]),
+        "## Per-site relative error (teacher inputs)",
+        _table(
+            ["site", *models],
+            [[site, *(errs.get(m, float("nan")) for m in models)] for site, errs in report["site_relative_error"].items()],
+        ),
+    ]
+    params = report["params"]
+    latency = report.get("latency_ms_batch1", {})
+    rows = []
+    for name, count in params.items():
+        row = [name, count, count / params["teacher"]]
+        if latency:
+            row += [latency[name], latency[name] / latency["teacher"]]
+        rows.append(row)
+    header = ["model", "params", "x teacher"] + (["CPU ms (batch 1)", "x teacher"] if latency else [])
+    parts += ["## Size and speed", _table(header, rows)]
+    stage_rows = [[stage, info.get("seconds", float("nan"))] for stage, info in report["stages"].items()]
+    parts += ["## Stages", _table(["stage", "seconds"], stage_rows)]
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,171 @@
+"""One recipe run: a directory that holds everything, stages that resume, and a report.
+
+Stages: distill (block-wise) -> tune (end-to-end) -> evaluate -> export. Each finished stage is
+recorded in `state.json` with its output on disk, so running the same command again after a
+crash or Ctrl-C skips finished stages and resumes the interrupted one from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+import replacer
+from replacer.batches import BatchPlan
+from replacer.distill.blockwise import distill_blockwise
+from replacer.distill.end_to_end import tune_end_to_end
+from replacer.evaluate import evaluate
+from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
+from replacer.recipe import Recipe, RecipeError
+from replacer.report import write_report
+from replacer.tasks import resolve_task
+from replacer.training_state import clear_state
+
+STAGES = ("distill", "tune", "evaluate", "export")
+
+
+class RunProgress:
+    """Rich progress bars with ETA, one per unit of work."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
+        )
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int) -> Iterator[Callable[[], None]]:
+        task_id = self.progress.add_task(description, total=total)
+        yield lambda: self.progress.advance(task_id)
+        self.progress.update(task_id, completed=total)
+
+
+class RunDir:
+    """The run's directory and its bookkeeping files."""
+
+    def __init__(self, recipe: Recipe, restart: bool) -> None:
+        self.path = recipe.directory
+        if restart and self.path.exists():
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.state_file = self.path / "state.json"
+        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
+        fingerprint = recipe.fingerprint()
+        if self.state.get("fingerprint", fingerprint) != fingerprint:
+            raise RecipeError(
+                f"{self.path} holds a run of a different recipe (or different --set values); "
+                "pass --restart to start it over, or set run_dir to another folder"
+            )
+        self.state.setdefault("fingerprint", fingerprint)
+        self.state.setdefault("stages", {})
+        (self.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        self._save()
+
+    def _save(self) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=2))
+        tmp.replace(self.state_file)
+
+    def done(self, stage: str) -> bool:
+        return stage in self.state["stages"]
+
+    def finish(self, stage: str, seconds: float, **info: Any) -> None:
+        self.state["stages"][stage] = {"seconds": round(seconds, 1), **info}
+        self._save()
+
+    def log(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def _student(recipe: Recipe, teacher: nn.Module) -> nn.Module:
+    """The replaced model before training; seeded, so the undistilled baseline starts identically."""
+    torch.manual_seed(recipe.seed)
+    sites = None if recipe.sites == "all" else recipe.sites
+    return replacer.replace(teacher, recipe.mixer.plugin, sites=sites, options=recipe.mixer.options).eval()
+
+
+def run_recipe(recipe: Recipe, restart: bool = False, console: Console | None = None) -> dict[str, Any]:
+    """Run (or resume) every stage of `recipe`; returns the report dict."""
+    console = console or Console()
+    teacher = preflight(recipe)
+    run = RunDir(recipe, restart)
+    task = resolve_task(recipe.model.task, teacher, load_tokenizer(recipe), is_text(recipe), _max_length(recipe))
+    train = load_examples(recipe.data.train, recipe.seed)
+    held_out = load_examples(recipe.data.eval, recipe.seed + 1)
+    plan = BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=_lengths(train))
+    student = _student(recipe, teacher)
+    progress = RunProgress(console)
+    stage_dir = run.path / "students"
+    with progress.progress:
+        if recipe.distill.enabled and not run.done("distill"):
+            start = time.time()
+            losses = distill_blockwise(
+                student, teacher, task, plan, recipe.distill, run.path / "distill", recipe.seed, progress, run.log
+            )
+            replacer.save(student, stage_dir / "distilled")
+            run.finish("distill", time.time() - start, final_loss=losses)
+        if recipe.tune.enabled and not run.done("tune"):
+            student = _resume_from(student, teacher, stage_dir / "distilled")
+            start = time.time()
+            state = run.path / "tune" / "state"
+            state.parent.mkdir(exist_ok=True)
+            with progress.task("tune: end-to-end", recipe.tune.steps) as advance:
+                loss = tune_end_to_end(student, teacher, task, plan, recipe.tune, state, advance, run.log)
+            replacer.save(student, stage_dir / "tuned")
+            clear_state(state)
+            run.finish("tune", time.time() - start, final_loss=loss)
+        student = _resume_from(student, teacher, stage_dir / "tuned", stage_dir / "distilled")
+        if not run.done("evaluate"):
+            start = time.time()
+            eval_plan = BatchPlan(held_out, recipe.data.batch_size, task.collate, shuffle=False, lengths=_lengths(held_out))
+            batches = [eval_plan.batch(k) for k in range(len(eval_plan))]
+            models = {"distilled": student}
+            if recipe.evaluate.baseline:
+                models["undistilled"] = _student(recipe, teacher)
+            with progress.task("evaluate", 1) as advance:
+                metrics = evaluate(
+                    teacher, models, task, batches, task.collate([held_out[0]]),
+                    recipe.evaluate.latency_repeats if recipe.evaluate.latency else None,
+                    recipe.evaluate.site_error_batches,
+                )
+                advance()
+            (run.path / "evaluation.json").write_text(json.dumps(metrics, indent=2))
+            run.finish("evaluate", time.time() - start)
+        if recipe.export.enabled and not run.done("export"):
+            start = time.time()
+            replacer.save(student, run.path / "model")
+            run.finish("export", time.time() - start)
+    metrics = json.loads((run.path / "evaluation.json").read_text())
+    return write_report(run.path, recipe, task, run.state, metrics)
+
+
+def _resume_from(student: nn.Module, teacher: nn.Module, *candidates: Path) -> nn.Module:
+    """The student saved by the latest finished stage, if any (loaded onto a copy of the teacher)."""
+    for path in candidates:
+        if (path / "manifest.json").is_file():
+            return replacer.load(path, base=copy.deepcopy(teacher))
+    return student
+
+
+def _lengths(examples: Any) -> list[int] | None:
+    """Character counts of texts (a cheap proxy for token counts); images need no bucketing."""
+    return [len(e) for e in examples] if isinstance(examples, list) and examples and isinstance(examples[0], str) else None
+
+
+def _max_length(recipe: Recipe) -> int:
+    from replacer.recipe import TextData
+
+    lengths = [s.max_length for s in recipe.data.train + recipe.data.eval if isinstance(s, TextData)]
+    return max(lengths, default=128)
