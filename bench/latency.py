@@ -7,27 +7,12 @@ Mixers are untrained here; latency and size do not depend on training. Figures a
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Callable
-
 import torch
 from rich.console import Console
 from rich.table import Table
 
 import replacer
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from replacer.evaluate import median_latency_ms
 
 
 def cases() -> dict[str, tuple[torch.nn.Module, dict]]:
@@ -53,8 +38,8 @@ def main() -> None:
         table.add_column(col, justify="right" if col != "model" else "left")
     for name, (teacher, inputs) in cases().items():
         student = replacer.replace(teacher, plugin=args.plugin).eval()
-        base_params, base_ms = replacer.count_parameters(teacher), median_ms(lambda: teacher(**inputs), args.repeats)
-        params, ms = replacer.count_parameters(student), median_ms(lambda: student(**inputs), args.repeats)
+        base_params, base_ms = replacer.count_parameters(teacher), median_latency_ms(lambda: teacher(**inputs), args.repeats)
+        params, ms = replacer.count_parameters(student), median_latency_ms(lambda: student(**inputs), args.repeats)
         table.add_row(name, "teacher", f"{base_params:,}", "1.00", f"{base_ms:.1f}", "1.00")
         table.add_row("", args.plugin, f"{params:,}", f"{params / base_params:.2f}", f"{ms:.1f}", f"{ms / base_ms:.2f}")
     Console(width=120).print(table)

@@ -129,5 +129,13 @@ def run(
     console.print(f"report: {folder / 'report.md'} (all figures in {folder / 'report.json'})")
 
 
+@app.command("recipe-reference")
+def recipe_reference() -> None:
+    """Print the recipe reference (markdown) generated from the recipe models."""
+    from replacer.recipe import reference_markdown
+
+    print(reference_markdown())
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m replacer`
     sys.exit(app())

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
+import os
+import socket
 from typing import Any
 
 from torch import nn
@@ -46,6 +49,18 @@ def _call_factory(source: str) -> nn.Module:
         raise ModelSourceError(f"'{source}' returned a {type(model).__name__}, not a torch.nn.Module")
     model.replacer_origin = {"family": "callable", "target": source}
     return model
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers; checked once, so offline machines fail in seconds, not minutes."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def describe_origin(model: nn.Module) -> dict | None:

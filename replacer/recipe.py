@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 from replacer.errors import ReplacerError
 
@@ -75,8 +75,8 @@ class DataSpec(Strict):
 
 
 class MixerChoice(Strict):
-    plugin: str = "lstm"
-    options: dict[str, Any] = Field(default_factory=dict)
+    plugin: str = Field("lstm", description="a mixer plugin from `replacer plugins`")
+    options: dict[str, Any] = Field(default_factory=dict, description="the plugin's options (validated by it)")
 
 
 class DistillSpec(Strict):
@@ -90,11 +90,20 @@ class DistillSpec(Strict):
     workers: PositiveInt = Field(1, description="processes training sites in parallel (disk cache)")
     checkpoint_every: PositiveInt = 100
 
+    @model_validator(mode="after")
+    def _workers_read_from_disk(self) -> "DistillSpec":
+        if self.workers > 1 and self.cache != "disk":
+            raise ValueError("workers > 1 read pairs from a disk cache: set distill.cache to disk")
+        return self
+
 
 class TuneSpec(Strict):
     enabled: bool = True
     steps: int = Field(200, ge=0)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(1e-3, gt=0, description="learning rate of the mixers")
+    other_lr_scale: float = Field(
+        0.1, gt=0, description="learning rate of the other trained parameters, as a fraction of lr (pretrained weights move less)"
+    )
     train: Literal["mixers", "all"] | list[str] = Field("mixers", description="mixers, all, or glob patterns")
     kd_weight: float = Field(1.0, ge=0)
     task_weight: float = Field(1.0, ge=0, description="weight of the task loss where data has labels")
@@ -114,17 +123,17 @@ class ExportSpec(Strict):
 
 
 class Recipe(Strict):
-    name: str
-    seed: int = 0
+    name: str = Field(description="names the run directory and the report")
+    seed: int = Field(0, description="seeds mixer initialisation and data order")
     run_dir: Path | None = Field(None, description="default: runs/<name>")
-    model: ModelSpec
-    data: DataSpec
-    sites: Literal["all"] | list[int | str] = "all"
-    mixer: MixerChoice = Field(default_factory=MixerChoice)
-    distill: DistillSpec = Field(default_factory=DistillSpec)
-    tune: TuneSpec = Field(default_factory=TuneSpec)
-    evaluate: EvalSpec = Field(default_factory=EvalSpec)
-    export: ExportSpec = Field(default_factory=ExportSpec)
+    model: ModelSpec = Field(description="the teacher")
+    data: DataSpec = Field(description="training and held-out evaluation data")
+    sites: Literal["all"] | list[int | str] = Field("all", description="all, or layer indices / names / globs")
+    mixer: MixerChoice = Field(default_factory=MixerChoice, description="the mixer plugin and its options")
+    distill: DistillSpec = Field(default_factory=DistillSpec, description="block-wise distillation")
+    tune: TuneSpec = Field(default_factory=TuneSpec, description="end-to-end tuning")
+    evaluate: EvalSpec = Field(default_factory=EvalSpec, description="held-out evaluation")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="the final model as safetensors + manifest")
 
     @property
     def directory(self) -> Path:
@@ -140,15 +149,31 @@ def apply_override(raw: dict, assignment: str) -> None:
     """`a.b.c=value` (value parsed as YAML) into the raw recipe mapping."""
     path, sep, value = assignment.partition("=")
     if not sep or not path:
-        raise RecipeError(f"--set {assignment!r} is not KEY.PATH=VALUE (e.g. --set distill.steps=2)")
-    node = raw
+        raise RecipeError(f"--set {assignment!r} is not KEY.PATH=VALUE (e.g. --set distill.steps=2, data.train.0.limit=100)")
+    node: Any = raw
     keys = path.split(".")
     for key in keys[:-1]:
-        child = node.setdefault(key, {})
-        if not isinstance(child, dict):
+        if isinstance(node, list):
+            node = _list_item(node, key, path)
+            continue
+        node = node.setdefault(key, {})
+        if not isinstance(node, (dict, list)):
             raise RecipeError(f"--set {path}: '{key}' is not a section")
-        node = child
-    node[keys[-1]] = yaml.safe_load(value)
+    if isinstance(node, list):
+        index = _list_index(node, keys[-1], path)
+        node[index] = yaml.safe_load(value)
+    else:
+        node[keys[-1]] = yaml.safe_load(value)
+
+
+def _list_index(items: list, key: str, path: str) -> int:
+    if not key.isdigit() or int(key) >= len(items):
+        raise RecipeError(f"--set {path}: '{key}' is not an index of a list of {len(items)} items")
+    return int(key)
+
+
+def _list_item(items: list, key: str, path: str) -> Any:
+    return items[_list_index(items, key, path)]
 
 
 def _explain(exc: ValidationError, origin: str) -> str:
@@ -209,3 +234,34 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(_explain(exc, str(path))) from None
+
+
+def reference_markdown() -> str:
+    """The recipe reference (every section and field, its type, default and meaning) from the models."""
+    sections: list[tuple[str, type[BaseModel]]] = [("(top level)", Recipe)]
+    for name, field in Recipe.model_fields.items():
+        model = _first_model(field.annotation)
+        if model is not None:
+            sections.append((name, model))
+    sections += [(f"data source `kind: {m.model_fields['kind'].default or tag}`", m) for tag, m in (
+        ("text", TextData), ("image-folder", ImageFolderData), ("idx", IdxData), ("digits", DigitsData))]
+    out = ["# Recipe reference", "", "Generated from the pydantic models by `replacer recipe-reference`.", ""]
+    for title, model in sections:
+        out += [f"## {title}", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+        for name, field in model.model_fields.items():
+            value = None if field.is_required() else field.get_default(call_default_factory=True)
+            default = "required" if field.is_required() else "see its section" if isinstance(value, BaseModel) else repr(value)
+            kind = _type_name(field.annotation)
+            cells = [f"`{name}`", f"`{kind}`", f"`{default}`", field.description or ""]
+            out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _type_name(annotation: Any) -> str:
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation)
+    for prefix in ("typing.", "pathlib.", "replacer.recipe.", "Annotated[", "typing_extensions."):
+        text = text.replace(prefix, "")
+    return text.split(", FieldInfo")[0]

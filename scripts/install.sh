@@ -1,7 +1,16 @@
 #!/usr/bin/env bash
-# Set up .venv with replacer, its test tools and the offline pretrained models. Safe to re-run.
+# Set up .venv with replacer, its test tools and the offline pretrained models, plus the Debian
+# text and image data the recipes use (WordNet, fortunes, Fashion-MNIST). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+DEBIAN_DATA="wordnet-base fortunes dataset-fashion-mnist"
+if [ ! -d /usr/share/wordnet ] || [ ! -d /usr/share/games/fortunes ] || [ ! -d /usr/share/datasets/fashion-mnist ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $DEBIAN_DATA >/dev/null
+  else
+    echo "note: recipes read Debian data; install it with: sudo apt-get install $DEBIAN_DATA" >&2
+  fi
+fi
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[dev]"

@@ -91,3 +91,14 @@ def family(request):
     torch.manual_seed(0)
     factory, inputs, n_sites, causal = FAMILIES[request.param]
     return request.param, factory().eval(), inputs, n_sites, causal
+
+
+def tiny_text_bert() -> T.PreTrainedModel:
+    """A tiny random BERT that reads all-MiniLM-L6-v2's tokenizer (same vocabulary size)."""
+    torch.manual_seed(0)
+    return tiny_bert_with_vocab(30522)
+
+
+def tiny_bert_with_vocab(vocab: int) -> T.PreTrainedModel:
+    cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=vocab)
+    return T.BertModel(cfg)

@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from replacer.errors import ModelSourceError
 from replacer.hookspecs import hookimpl
+from replacer.models import hub_reachable
 from replacer_timm.adapters import TimmAttentionAdapter, TimmWindowAttentionAdapter
 
 
@@ -24,9 +26,12 @@ def replacer_load_model(source: str, pretrained: bool) -> nn.Module | None:
     if not (source.startswith("timm:") or timm.is_model(name)):
         return None
     if not timm.is_model(name):
-        from replacer.errors import ModelSourceError
-
         raise ModelSourceError(f"timm has no model named '{name}' (see timm.list_models('*{name[:4]}*'))")
+    if pretrained and not hub_reachable():
+        raise ModelSourceError(
+            f"pretrained weights for {name} cannot be downloaded (no network): set model.checkpoint to a local "
+            "weights file (.safetensors or .pth), or model.pretrained to false"
+        )
     return timm.create_model(name, pretrained=pretrained)
 
 

@@ -46,6 +46,12 @@ def _resolve(source: str) -> tuple[Path | str, dict] | None:
     if alias == "SmolLM2-135M-Instruct":
         return smollm2_dir(), {"gguf_file": SMOLLM2_GGUF}
     if source.startswith("hf:"):
+        from replacer.models import hub_reachable
+
+        if not hub_reachable():
+            raise ModelSourceError(
+                f"{source} cannot be downloaded (no network): download it elsewhere and give its local directory"
+            )
         return source[3:], {}
     path = Path(source)
     if path.is_dir() and (path / "config.json").is_file():

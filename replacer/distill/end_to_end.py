@@ -41,7 +41,10 @@ def tune_end_to_end(
     saved_flags = {n: p.requires_grad for n, p in student.named_parameters()}
     for name, p in student.named_parameters():
         p.requires_grad_(name in params)
-    optimizer = torch.optim.Adam(params.values(), lr=spec.lr)
+    mixers = [p for n, p in params.items() if ".mixer." in f".{n}"]
+    others = [p for n, p in params.items() if ".mixer." not in f".{n}"]
+    groups = [{"params": mixers, "scale": 1.0}, {"params": others, "scale": spec.other_lr_scale}]
+    optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=spec.lr)
     meta = load_state(state_path, params, optimizer) or {"step": 0, "losses": []}
     losses: list[float] = meta["losses"]
     teacher.eval()
@@ -57,7 +60,7 @@ def tune_end_to_end(
             if supervised is not None:
                 loss = loss + spec.task_weight * supervised
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, spec.steps, spec.lr)
+                group["lr"] = lr_at(step, spec.steps, spec.lr) * group["scale"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)

@@ -1,0 +1,83 @@
+"""Recipe validation: every shipped recipe is valid; bad fields fail with the path and a hint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from replacer.cli import app
+from replacer.recipe import RecipeError, load_recipe
+
+RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+MINIMAL = """
+name: t
+model: {source: minilm}
+data:
+  train: [{kind: text, source: docstrings}]
+  eval: [{kind: text, source: fortunes}]
+"""
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_is_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+
+
+def test_minimal_recipe_gets_defaults(tmp_path):
+    recipe = load_recipe(write(tmp_path, MINIMAL))
+    assert recipe.mixer.plugin == "lstm" and recipe.distill.loss == "mse" and recipe.directory == Path("runs/t")
+
+
+def test_unknown_field_names_path_and_suggests(tmp_path):
+    with pytest.raises(RecipeError, match=r"r.yaml: distill.stepz: unknown field \(did you mean 'steps'\?\)"):
+        load_recipe(write(tmp_path, MINIMAL + "distill: {stepz: 3}\n"))
+
+
+def test_unknown_field_inside_a_data_source(tmp_path):
+    bad = MINIMAL.replace("source: fortunes}", "source: fortunes, limt: 3}")
+    with pytest.raises(RecipeError, match=r"data.eval.0.limt: unknown field \(did you mean 'limit'\?\)"):
+        load_recipe(write(tmp_path, bad))
+
+
+def test_wrong_type_and_missing_field(tmp_path):
+    with pytest.raises(RecipeError, match=r"distill.steps: Input should be a valid integer.*\(got 'many'\)"):
+        load_recipe(write(tmp_path, MINIMAL + "distill: {steps: many}\n"))
+    with pytest.raises(RecipeError, match=r"model.source: required field is missing"):
+        load_recipe(write(tmp_path, MINIMAL.replace("model: {source: minilm}", "model: {pretrained: true}")))
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(path, ["distill.steps=7", "data.train.0.limit=5", "mixer.options.hidden_per_head=8"])
+    assert recipe.distill.steps == 7 and recipe.data.train[0].limit == 5
+    assert recipe.mixer.options == {"hidden_per_head": 8}
+    with pytest.raises(RecipeError, match="distill.loss: Input should be 'mse', 'cosine' or 'mse\\+cosine'"):
+        load_recipe(path, ["distill.loss=l1"])
+    with pytest.raises(RecipeError, match="is not KEY.PATH=VALUE"):
+        load_recipe(path, ["distill.steps"])
+    with pytest.raises(RecipeError, match="'3' is not an index of a list of 1 items"):
+        load_recipe(path, ["data.train.3.limit=5"])
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "name: [unclosed\n"))
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_cli_validate(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["validate", str(write(tmp_path, MINIMAL))])
+    assert ok.exit_code == 0 and "valid recipe 't'" in ok.output
+    bad = runner.invoke(app, ["validate", str(tmp_path / "r.yaml"), "--set", "tune.lr=-1"])
+    assert bad.exit_code == 2 and "tune.lr: Input should be greater than 0" in bad.output

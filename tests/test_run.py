@@ -1,0 +1,175 @@
+"""Whole recipe runs on tiny random-init models: stages, report, resume after a kill, fail-fast inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from replacer.cli import app
+from replacer.recipe import load_recipe
+from replacer.run import run_recipe
+
+ROOT = Path(__file__).parent.parent
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+
+
+def _texts(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(n)))
+    return path
+
+
+def tiny_text_recipe(tmp_path: Path, distill_steps: int = 30, tune_steps: int = 10, checkpoint_every: int = 10) -> Path:
+    train, held_out = _texts(tmp_path / "train.txt", 200, 0), _texts(tmp_path / "eval.txt", 40, 1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""
+name: tiny
+run_dir: {tmp_path / 'run'}
+model: {{source: "conftest:tiny_text_bert", tokenizer: minilm, task: embedding}}
+data:
+  train: [{{kind: text, source: "file:{train}", max_length: 16}}]
+  eval: [{{kind: text, source: "file:{held_out}", max_length: 16}}]
+  batch_size: 8
+mixer: {{plugin: lstm, options: {{hidden_per_head: 8}}}}
+distill: {{steps: {distill_steps}, lr: 0.01, calibration_batches: 8, checkpoint_every: {checkpoint_every}}}
+tune: {{steps: {tune_steps}, lr: 0.003, checkpoint_every: 5}}
+evaluate: {{latency_repeats: 2}}
+""")
+    return path
+
+
+def test_tiny_run_produces_every_output(tmp_path):
+    recipe = load_recipe(tiny_text_recipe(tmp_path))
+    report = run_recipe(recipe)
+    run = tmp_path / "run"
+    for name in ("recipe.yaml", "state.json", "metrics.jsonl", "report.md", "report.json", "evaluation.json"):
+        assert (run / name).is_file(), name
+    assert (run / "model" / "manifest.json").is_file() and (run / "model" / "model.safetensors").is_file()
+    assert set(report["stages"]) == {"distill", "tune", "evaluate", "export"}
+    errors = report["site_relative_error"]
+    assert len(errors) == 2
+    for site in errors.values():  # distillation must beat the same mixers untrained
+        assert site["distilled"] < site["undistilled"]
+    fid = report["fidelity"]
+    assert fid["distilled"]["embedding_cosine_mean"] > fid["undistilled"]["embedding_cosine_mean"]
+    assert report["latency_ms_batch1"]["teacher"] > 0
+    assert "| embedding_cosine_mean |" in (run / "report.md").read_text()
+
+
+def test_rerunning_a_finished_run_redoes_nothing(tmp_path):
+    recipe = load_recipe(tiny_text_recipe(tmp_path, distill_steps=5, tune_steps=2))
+    run_recipe(recipe)
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().count("\n")
+    run_recipe(recipe)
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == lines
+
+
+def test_changed_recipe_needs_restart(tmp_path):
+    path = tiny_text_recipe(tmp_path, distill_steps=2, tune_steps=1)
+    run_recipe(load_recipe(path))
+    from replacer.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="different recipe"):
+        run_recipe(load_recipe(path, ["distill.steps=3"]))
+    run_recipe(load_recipe(path, ["distill.steps=3"]), restart=True)
+
+
+def test_killed_run_resumes_from_its_checkpoint(tmp_path):
+    path = tiny_text_recipe(tmp_path, distill_steps=40, tune_steps=4, checkpoint_every=10)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    cmd = [sys.executable, "-m", "replacer", "run", str(path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    second = "encoder.layer.1.attention.self"
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        rows = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.is_file() else []
+        if any(r.get("site") == second and r.get("step", 0) >= 15 for r in rows):
+            break
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert "distill" not in state["stages"]
+    assert (tmp_path / "run" / "distill" / "encoder.layer.0.attention.self.safetensors").is_file()
+
+    finished = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+    first_site_steps = Counter(r["step"] for r in rows if r.get("site") == "encoder.layer.0.attention.self" and "step" in r)
+    assert all(count == 1 for count in first_site_steps.values()) and len(first_site_steps) == 40  # not redone
+    second_steps = Counter(r["step"] for r in rows if r.get("site") == second and "step" in r)
+    assert all(second_steps[s] == 1 for s in range(1, 11))  # resumed from the step-10 checkpoint, not from 0
+    assert len(second_steps) == 40
+    assert set(json.loads((tmp_path / "run" / "state.json").read_text())["stages"]) == {"distill", "tune", "evaluate", "export"}
+
+
+def test_deit_recipe_fails_fast_offline_naming_what_is_missing():
+    result = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / "deit_lstm.yaml"), "--set", "run_dir=/tmp/replacer-never"])
+    assert result.exit_code == 2
+    message = " ".join(result.output.split())
+    assert "pretrained weights for deit_tiny_patch16_224 cannot be downloaded" in message
+    assert "model.checkpoint" in message
+    assert "data.train[0].root /data/imagenet/train does not exist" in message
+    assert not Path("/tmp/replacer-never").exists()
+
+
+def test_deit_recipe_runs_on_a_local_checkpoint_and_image_folder(tmp_path):
+    torch.manual_seed(0)
+    weights = tmp_path / "deit.safetensors"
+    save_file(timm.create_model("deit_tiny_patch16_224").state_dict(), str(weights))
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for i in range(2):
+                pixels = np.random.default_rng(i).integers(0, 255, (40 + i * 7, 50, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    result = CliRunner().invoke(
+        app,
+        [
+            "run", str(ROOT / "recipes" / "deit_lstm.yaml"),
+            "--set", f"model.checkpoint={weights}", "--set", f"run_dir={tmp_path / 'run'}",
+            "--set", f"data.train.0.root={tmp_path / 'train'}", "--set", f"data.eval.0.root={tmp_path / 'val'}",
+            "--set", "data.batch_size=2", "--set", "distill.steps=1", "--set", "distill.calibration_batches=1",
+            "--set", "distill.cache=memory", "--set", "tune.steps=1", "--set", "evaluate.latency=false",
+            "--set", "sites=[0, 11]",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["task"] == "classification"
+    assert set(report["fidelity"]["distilled"]) >= {"teacher_top1", "student_top1", "agreement_with_teacher"}
+    assert set(report["site_relative_error"]) == {"blocks.0.attn", "blocks.11.attn"}
+
+
+def test_sites_train_on_worker_processes_from_a_disk_cache(tmp_path):
+    overrides = ["distill.workers=2", "distill.cache=disk", "tune.enabled=false", "evaluate.latency=false"]
+    recipe = load_recipe(tiny_text_recipe(tmp_path, distill_steps=8), overrides)
+    report = run_recipe(recipe)
+    cache = tmp_path / "run" / "distill" / "cache"
+    assert (cache / "complete").is_file() and len(list((cache / "encoder.layer.1.attention.self").glob("*.safetensors"))) == 8
+    for site in report["site_relative_error"].values():
+        assert site["distilled"] < site["undistilled"]
+
+
+def test_workers_need_the_disk_cache(tmp_path):
+    from replacer.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match="set distill.cache to disk"):
+        load_recipe(tiny_text_recipe(tmp_path), ["distill.workers=2"])
