@@ -12,6 +12,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 
+def _files(path: Path) -> tuple[Path, Path]:
+    """The tensor and JSON files of a state; suffixes are appended, since names may contain dots."""
+    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
@@ -19,7 +24,7 @@ def _atomic(path: Path, write) -> None:
 
 
 def save_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    """`path`.safetensors holds parameters and optimizer tensors; `path`.json the step and the rest."""
+    """`<path>.safetensors` holds parameters and optimizer tensors; `<path>.json` the step and the rest."""
     tensors = {f"param.{k}": v.detach().contiguous() for k, v in params.items()}
     index = {id(p): i for i, p in enumerate(params.values())}
     scalars: dict[str, Any] = {}
@@ -30,13 +35,14 @@ def save_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.opt
                 tensors[name] = value.detach().contiguous()
             else:
                 scalars[name] = value
-    _atomic(path.with_suffix(".safetensors"), lambda t: save_file(tensors, str(t)))
-    _atomic(path.with_suffix(".json"), lambda t: t.write_text(json.dumps({**meta, "optimizer_scalars": scalars})))
+    weights, meta_file = _files(path)
+    _atomic(weights, lambda t: save_file(tensors, str(t)))
+    _atomic(meta_file, lambda t: t.write_text(json.dumps({**meta, "optimizer_scalars": scalars})))
 
 
 def load_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """Restore what `save_state` wrote into `params` and `optimizer`; None when there is nothing to resume."""
-    weights, meta_path = path.with_suffix(".safetensors"), path.with_suffix(".json")
+    weights, meta_path = _files(path)
     if not (weights.is_file() and meta_path.is_file()):
         return None
     tensors = load_file(str(weights))
@@ -53,5 +59,5 @@ def load_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.opt
 
 
 def clear_state(path: Path) -> None:
-    for suffix in (".safetensors", ".json"):
-        path.with_suffix(suffix).unlink(missing_ok=True)
+    for file in _files(path):
+        file.unlink(missing_ok=True)

@@ -119,7 +119,12 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     assert set(json.loads((tmp_path / "run" / "state.json").read_text())["stages"]) == {"distill", "tune", "evaluate", "export"}
 
 
-def test_deit_recipe_fails_fast_offline_naming_what_is_missing():
+def test_deit_recipe_fails_fast_offline_naming_what_is_missing(monkeypatch):
+    from replacer.models import hub_reachable
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline even where the hub answers
+    hub_reachable.cache_clear()
+    started = time.time()
     result = CliRunner().invoke(app, ["run", str(ROOT / "recipes" / "deit_lstm.yaml"), "--set", "run_dir=/tmp/replacer-never"])
     assert result.exit_code == 2
     message = " ".join(result.output.split())
@@ -127,6 +132,8 @@ def test_deit_recipe_fails_fast_offline_naming_what_is_missing():
     assert "model.checkpoint" in message
     assert "data.train[0].root /data/imagenet/train does not exist" in message
     assert not Path("/tmp/replacer-never").exists()
+    assert time.time() - started < 30
+    hub_reachable.cache_clear()
 
 
 def test_deit_recipe_runs_on_a_local_checkpoint_and_image_folder(tmp_path):
