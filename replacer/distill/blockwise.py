@@ -8,12 +8,11 @@ finished sites and continues a half-trained one from its last checkpoint.
 
 from __future__ import annotations
 
-import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -25,19 +24,14 @@ from replacer.distill.losses import site_loss
 from replacer.graph.adapter import ReplacedAttention
 from replacer.recipe import DistillSpec
 from replacer.tasks import Task
-from replacer.training_state import clear_state, load_state, save_state
+from replacer.distill.loop import train_loop
+from replacer.training_state import clear_state
+
+if TYPE_CHECKING:
+    from replacer.run import RunProgress
 
 Store = MemoryStore | DiskStore
 Log = Callable[[dict], None]
-
-
-def lr_at(step: int, total: int, base: float) -> float:
-    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the base rate."""
-    warmup = max(1, total // 20)
-    if step < warmup:
-        return base * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def site_wrappers(student: nn.Module) -> dict[str, ReplacedAttention]:
@@ -86,34 +80,22 @@ def train_site(
     for p in frozen:
         p.requires_grad_(False)
     optimizer = torch.optim.Adam(params.values(), lr=spec.lr)
-    meta = load_state(state_path, params, optimizer) or {"step": 0, "losses": []}
     order = BatchPlan(range(len(store)), 1, collate=lambda items: items[0], seed=seed)
-    losses: list[float] = meta["losses"]
+
+    def loss_at(step: int) -> torch.Tensor:
+        x, y, keep = store.get(order.batch(step))
+        return site_loss(spec.loss, wrapper.mix(x, keep), y, keep)
+
     wrapper.train()
     try:
-        for step in range(meta["step"], spec.steps):
-            x, y, keep = store.get(order.batch(step))
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, spec.steps, spec.lr)
-            loss = site_loss(spec.loss, wrapper.mix(x, keep), y, keep)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            log({"site": wrapper.site.name, "step": step + 1, "loss": losses[-1]})
-            advance()
-            if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
-                save_state(state_path, params, optimizer, {"step": step + 1, "losses": losses})
-    except KeyboardInterrupt:  # keep every finished step; the loss list says how many
-        save_state(state_path, params, optimizer, {"step": len(losses), "losses": losses})
-        raise
+        return train_loop(
+            params, optimizer, loss_at, spec.steps, spec.lr, spec.checkpoint_every, state_path,
+            {"site": wrapper.site.name}, advance, log,
+        )
     finally:
         wrapper.eval()
         for p in frozen:
             p.requires_grad_(True)
-    tail = losses[-max(1, len(losses) // 10) :]
-    return sum(tail) / len(tail) if tail else float("nan")
 
 
 def _mixer_file(folder: Path, site: str) -> Path:
@@ -137,7 +119,7 @@ def _train_in_worker(wrapper: ReplacedAttention, cache: Path, spec: DistillSpec,
 
 def distill_blockwise(
     student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSpec, folder: Path,
-    seed: int, progress: "RunProgress", log: Log,  # noqa: F821 - defined in replacer.run
+    seed: int, progress: RunProgress, log: Log,
 ) -> dict[str, float]:
     """Distill every replaced site of `student`; returns the final loss per site."""
     folder.mkdir(parents=True, exist_ok=True)

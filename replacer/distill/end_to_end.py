@@ -10,11 +10,10 @@ import torch
 from torch import nn
 
 from replacer.batches import BatchPlan
-from replacer.distill.blockwise import lr_at
+from replacer.distill.loop import train_loop
 from replacer.errors import ReplacerError
 from replacer.recipe import TuneSpec
 from replacer.tasks import Task
-from replacer.training_state import load_state, save_state
 
 
 def trainable_parameters(student: nn.Module, which: str | list[str]) -> dict[str, nn.Parameter]:
@@ -45,36 +44,23 @@ def tune_end_to_end(
     others = [p for n, p in params.items() if ".mixer." not in f".{n}"]
     groups = [{"params": mixers, "scale": 1.0}, {"params": others, "scale": spec.other_lr_scale}]
     optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=spec.lr)
-    meta = load_state(state_path, params, optimizer) or {"step": 0, "losses": []}
-    losses: list[float] = meta["losses"]
     teacher.eval()
     student.eval()  # dropout off: the student should reproduce the teacher's deterministic function
+
+    def loss_at(step: int) -> torch.Tensor:
+        batch = plan.batch(step)
+        with torch.no_grad():
+            target = task.run(teacher, batch)
+        out = task.run(student, batch)
+        loss = spec.kd_weight * task.distill_loss(out, target, batch, spec.temperature)
+        supervised = task.task_loss(out, batch) if spec.task_weight > 0 else None
+        return loss if supervised is None else loss + spec.task_weight * supervised
+
     try:
-        for step in range(meta["step"], spec.steps):
-            batch = plan.batch(step)
-            with torch.no_grad():
-                target = task.run(teacher, batch)
-            out = task.run(student, batch)
-            loss = spec.kd_weight * task.distill_loss(out, target, batch, spec.temperature)
-            supervised = task.task_loss(out, batch) if spec.task_weight > 0 else None
-            if supervised is not None:
-                loss = loss + spec.task_weight * supervised
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, spec.steps, spec.lr) * group["scale"]
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            log({"stage": "tune", "step": step + 1, "loss": losses[-1]})
-            advance()
-            if (step + 1) % spec.checkpoint_every == 0 and step + 1 < spec.steps:
-                save_state(state_path, params, optimizer, {"step": step + 1, "losses": losses})
-    except KeyboardInterrupt:  # keep every finished step; the loss list says how many
-        save_state(state_path, params, optimizer, {"step": len(losses), "losses": losses})
-        raise
+        return train_loop(
+            params, optimizer, loss_at, spec.steps, spec.lr, spec.checkpoint_every, state_path,
+            {"stage": "tune"}, advance, log,
+        )
     finally:
         for name, p in student.named_parameters():
             p.requires_grad_(saved_flags[name])
-    tail = losses[-max(1, len(losses) // 10) :]
-    return sum(tail) / len(tail) if tail else float("nan")

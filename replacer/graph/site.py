@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -53,5 +57,5 @@ class UnsupportedSite:
 class LinearWeights:
     """A projection's weight (out, in) and bias, laid out per query head, for initialising mixers."""
 
-    weight: "torch.Tensor"  # noqa: F821
-    bias: "torch.Tensor | None" = field(default=None)  # noqa: F821
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None

@@ -1,0 +1,54 @@
+"""The optimisation loop both distillation stages share: schedule, clipping, logging, checkpoints, resume."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from replacer.training_state import load_state, save_state
+
+
+def lr_at(step: int, total: int, base: float) -> float:
+    """Linear warm-up over 5% of the steps, then cosine decay to 10% of the base rate."""
+    warmup = max(1, total // 20)
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_loop(
+    params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, loss_at: Callable[[int], torch.Tensor],
+    steps: int, lr: float, checkpoint_every: int, state_path: Path, record: dict,
+    advance: Callable[[], None], log: Callable[[dict], None],
+) -> float:
+    """Run steps [resumed step, steps); returns the mean loss of the last 10% of steps.
+
+    A param group's optional "scale" multiplies the scheduled rate. State is saved every
+    `checkpoint_every` steps and at Ctrl-C, and restored from `state_path` when present.
+    """
+    meta = load_state(state_path, params, optimizer) or {"step": 0, "losses": []}
+    losses: list[float] = meta["losses"]
+    try:
+        for step in range(meta["step"], steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, steps, lr) * group.get("scale", 1.0)
+            loss = loss_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            log({**record, "step": step + 1, "loss": losses[-1]})
+            advance()
+            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                save_state(state_path, params, optimizer, {"step": step + 1, "losses": losses})
+    except KeyboardInterrupt:  # keep every finished step; the loss list says how many
+        save_state(state_path, params, optimizer, {"step": len(losses), "losses": losses})
+        raise
+    tail = losses[-max(1, len(losses) // 10) :]
+    return sum(tail) / len(tail) if tail else float("nan")
