@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -35,7 +37,8 @@ def test_cache_holds_mixer_state_not_keys():
     torch.manual_seed(0)
     student = replacer.replace(tiny_llama().eval(), sites=[0])
     cache = DynamicCache(config=student.config)
-    student(torch.randint(1, 100, (2, 5)), past_key_values=cache, use_cache=True)
+    cache_kwarg = "cache" if "cache" in inspect.signature(student.forward).parameters else "past_key_values"
+    student(torch.randint(1, 100, (2, 5)), use_cache=True, **{cache_kwarg: cache})
     assert isinstance(cache.layers[0], MixerStateLayer) and cache.layers[0].keys is None
     assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == 5
     h, c = cache.layers[0].state

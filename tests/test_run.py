@@ -93,17 +93,11 @@ def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     metrics = tmp_path / "run" / "metrics.jsonl"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     cmd = [sys.executable, "-m", "replacer", "run", str(path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     second = "encoder.layer.1.attention.self"
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        rows = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.is_file() else []
-        if any(r.get("site") == second and r.get("step", 0) >= 15 for r in rows):
-            break
-        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed = subprocess.run(
+        [sys.executable, "-m", "kill_at_step", second, "15", "run", str(path)], env=env, capture_output=True, timeout=600
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert "distill" not in state["stages"]
     assert (tmp_path / "run" / "distill" / "encoder.layer.0.attention.self.safetensors").is_file()

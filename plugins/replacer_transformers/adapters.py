@@ -33,8 +33,18 @@ def _rope_note(module: nn.Module) -> str:
     return "rotary position embedding dropped: the recurrence carries order" if takes_rope else ""
 
 
+def _cache_argument(call: dict):
+    """The layer's cache: transformers >= 5.2x passes it as `cache`, earlier 5.x as `past_key_values`."""
+    extra = call.get("kwargs") or {}
+    for key in ("cache", "past_key_values"):
+        found = call.get(key, extra.get(key))
+        if found is not None:
+            return found
+    return None
+
+
 class HFReplacedAttention(ReplacedAttention):
-    """Shared calling convention: `(hidden_states, ..., attention_mask, past_key_values) -> (out, None)`.
+    """Shared calling convention: `(hidden_states, ..., attention_mask, cache) -> (out, None)`.
 
     On causal sites called with a cache, the mixer continues from the state kept in that cache
     (one `MixerStateLayer` at this layer's index), so `generate()` decodes at constant cost.
@@ -65,7 +75,7 @@ class HFReplacedAttention(ReplacedAttention):
     def forward(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
         call = self.arguments(args, kwargs)
         x, padding = self._read(call)
-        cache = call.get("past_key_values")
+        cache = _cache_argument(call)
         if cache is not None and self.mixer.causal:
             from replacer_transformers.cache import mixer_state_layer
 
