@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 from transformers import DynamicCache
 
 import replacer
 from conftest import tiny_gpt2, tiny_llama
-from replacer_transformers.cache import MixerStateLayer
+from replacer_transformers.cache import MixerStateLayer, cache_argument_name, cache_bytes
 
 FACTORIES = {"llama": tiny_llama, "gpt2": tiny_gpt2}
 
@@ -37,12 +35,14 @@ def test_cache_holds_mixer_state_not_keys():
     torch.manual_seed(0)
     student = replacer.replace(tiny_llama().eval(), sites=[0])
     cache = DynamicCache(config=student.config)
-    cache_kwarg = "cache" if "cache" in inspect.signature(student.forward).parameters else "past_key_values"
-    student(torch.randint(1, 100, (2, 5)), use_cache=True, **{cache_kwarg: cache})
+    student(torch.randint(1, 100, (2, 5)), use_cache=True, **{cache_argument_name(student): cache})
     assert isinstance(cache.layers[0], MixerStateLayer) and cache.layers[0].keys is None
     assert cache.layers[0].get_seq_length() == cache.layers[1].get_seq_length() == 5
     h, c = cache.layers[0].state
     assert h.shape == c.shape == (2, 4, 8)  # batch, heads, hidden: constant in the sequence length
+    held = cache_bytes(cache)
+    assert held["mixer_state"] == 2 * 2 * 4 * 8 * 4  # h and c, fp32
+    assert held["kv"] == 2 * 2 * 2 * 5 * 8 * 4  # keys and values of layer 1: batch 2, 2 KV heads, 5 tokens, dim 8
 
 
 def test_left_padded_batch_generates_like_each_row_alone():

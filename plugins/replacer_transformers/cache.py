@@ -74,3 +74,23 @@ def mixer_state_layer(cache: Cache, index: int) -> MixerStateLayer:
             raise RuntimeError(f"cache layer {index} already holds keys: it was filled before the site was replaced")
         layer = cache.layers[index] = MixerStateLayer()
     return layer
+
+
+def cache_bytes(cache: Cache) -> dict[str, int]:
+    """Bytes a cache holds: keys and values of attention layers, and mixer state of replaced ones."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    held = {"kv": 0, "mixer_state": 0}
+    for layer in cache.layers:
+        if isinstance(layer, MixerStateLayer):
+            held["mixer_state"] += layer.state_bytes()
+        else:
+            held["kv"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+    return held
+
+
+def cache_argument_name(model: torch.nn.Module) -> str:
+    """The keyword a model's forward takes its cache under (`cache` from transformers 5.2x, before: `past_key_values`)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

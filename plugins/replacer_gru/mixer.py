@@ -1,0 +1,41 @@
+"""Multi-head GRU: every head and direction an independent GRU, run as one grouped recurrence."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from replacer.graph.site import LinearWeights, Site
+from replacer.recurrent import MultiHeadRecurrence, RecurrentOptions, resolve_bidirectional
+
+
+class GRUOptions(RecurrentOptions):
+    """Options of the `gru` plugin."""
+
+
+def build(site: Site, options: GRUOptions, value: LinearWeights | None) -> "MultiHeadGRU":
+    bidirectional = resolve_bidirectional("gru", site, options.bidirectional)
+    mixer = MultiHeadGRU(site, options.hidden_per_head or site.head_dim, bidirectional)
+    if options.init_from_value and value is not None:
+        mixer.init_input_projection(value)
+    return mixer
+
+
+class MultiHeadGRU(MultiHeadRecurrence):
+    """Gates laid out [reset, update | candidate], as in `nn.GRU`: the candidate's recurrent part
+    has its own bias and is scaled by the reset gate, so it needs a recurrent bias of its own."""
+
+    gate_blocks = 3
+    state_size = 1
+
+    def __init__(self, site: Site, hidden: int, bidirectional: bool) -> None:
+        super().__init__(site, hidden, bidirectional)
+        self.bias_hh = nn.Parameter(torch.zeros(self.directions * self.heads, 1, 3 * hidden))
+
+    def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weight_hh: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        (hx,) = state
+        h = self.hidden
+        g = torch.baddbmm(self.bias_hh, hx, weight_hh)
+        rz = (gates_x[..., : 2 * h] + g[..., : 2 * h]).sigmoid()
+        candidate = torch.addcmul(gates_x[..., 2 * h :], rz[..., :h], g[..., 2 * h :]).tanh()
+        return (torch.lerp(candidate, hx, rz[..., h:]),)
