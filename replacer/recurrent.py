@@ -86,14 +86,6 @@ class MultiHeadRecurrence(Mixer, abc.ABC):
     def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weight_hh: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One step for all groups: input gate part `(G, B, k*h)`, state `(G, B, h)` each -> new state."""
 
-    @torch.no_grad()
-    def init_input_projection(self, value: LinearWeights) -> None:
-        self.in_proj.weight.copy_(value.weight)
-        if value.bias is not None:
-            self.in_proj.bias.copy_(value.bias)
-        else:
-            self.in_proj.bias.zero_()
-
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, hidden={self.hidden}, directions={self.directions}"
 

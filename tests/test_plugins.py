@@ -108,5 +108,5 @@ def test_broken_plugin_is_named_and_does_not_break_others(third_party):
 
 
 def test_unknown_plugin_lists_installed_ones():
-    with pytest.raises(replacer.UnknownPluginError, match="unknown mixer plugin 'lstn'; installed: lstm"):
+    with pytest.raises(replacer.UnknownPluginError, match="unknown mixer plugin 'lstn'; installed: gru, lstm, ssm"):
         replacer.replace(tiny_bert(), plugin="lstn")

@@ -17,7 +17,7 @@ def build(site: Site, options: GRUOptions, value: LinearWeights | None) -> "Mult
     bidirectional = resolve_bidirectional("gru", site, options.bidirectional)
     mixer = MultiHeadGRU(site, options.hidden_per_head or site.head_dim, bidirectional)
     if options.init_from_value and value is not None:
-        mixer.init_input_projection(value)
+        value.copy_to(mixer.in_proj)
     return mixer
 
 

@@ -19,7 +19,7 @@ def build(site: Site, options: LSTMOptions, value: LinearWeights | None) -> "Mul
     bidirectional = resolve_bidirectional("lstm", site, options.bidirectional)
     mixer = MultiHeadLSTM(site, options.hidden_per_head or site.head_dim, bidirectional, options.forget_bias)
     if options.init_from_value and value is not None:
-        mixer.init_input_projection(value)
+        value.copy_to(mixer.in_proj)
     return mixer
 
 

@@ -59,3 +59,14 @@ class LinearWeights:
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+
+    def copy_to(self, linear: "torch.nn.Linear") -> None:
+        """Start `linear` as this projection (a missing bias becomes zeros)."""
+        import torch
+
+        with torch.no_grad():
+            linear.weight.copy_(self.weight)
+            if linear.bias is not None and self.bias is not None:
+                linear.bias.copy_(self.bias)
+            elif linear.bias is not None:
+                linear.bias.zero_()
