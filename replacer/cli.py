@@ -19,6 +19,19 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
+@app.callback()
+def _show_engine_notes() -> None:
+    """Engine notes (e.g. which scan kernel a mixer runs) go to stderr, one line each."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("replacer")
+    if not logger.handlers:
+        logger.addHandler(RichHandler(console=errors, show_time=False, show_path=False))
+        logger.setLevel(logging.INFO)
+
+
 def _fail(exc: Exception) -> None:
     errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
