@@ -20,11 +20,12 @@ def greedy_by_full_recompute(model, ids: torch.Tensor, steps: int) -> torch.Tens
     return ids
 
 
+@pytest.mark.parametrize("plugin", ["lstm", "gru", "ssm"])
 @pytest.mark.parametrize("family", sorted(FACTORIES))
 @pytest.mark.parametrize("sites", [None, [1]], ids=["all", "half"])
-def test_greedy_generate_equals_full_recompute(family, sites):
+def test_greedy_generate_equals_full_recompute(family, sites, plugin):
     torch.manual_seed(0)
-    student = replacer.replace(FACTORIES[family]().eval(), sites=sites)
+    student = replacer.replace(FACTORIES[family]().eval(), plugin=plugin, sites=sites)
     ids = torch.randint(1, 100, (1, 6))
     generated = student.generate(ids, max_new_tokens=8, do_sample=False, min_new_tokens=8)
     assert generated.shape == (1, 14)

@@ -44,7 +44,8 @@ def test_minilm_scan_replace_backward_roundtrip(minilm, tmp_path):
         torch.testing.assert_close(again(**batch).last_hidden_state, student(**batch).last_hidden_state)
 
 
-def test_smollm2_scan_replace_generate_roundtrip(smollm2, tmp_path):
+@pytest.mark.parametrize("plugin", ["lstm", "gru", "ssm"])
+def test_smollm2_scan_replace_generate_roundtrip(smollm2, tmp_path, plugin):
     from transformers import AutoTokenizer
 
     found = replacer.scan(smollm2)
@@ -52,7 +53,7 @@ def test_smollm2_scan_replace_generate_roundtrip(smollm2, tmp_path):
     assert {(s.num_heads, s.num_kv_heads, s.head_dim, s.causal) for s in found.sites} == {(9, 3, 64, True)}
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir()), gguf_file=SMOLLM2_GGUF)
     ids = tok("The capital of France is", return_tensors="pt").input_ids
-    student = replacer.replace(smollm2, sites=list(range(15, 30)))
+    student = replacer.replace(smollm2, plugin=plugin, sites=list(range(15, 30)))
     generated = student.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
     assert generated.shape[1] == ids.shape[1] + 6
     full = generated[:, :-1]
