@@ -39,7 +39,7 @@ class ModelSpec(Strict):
 
 class TextData(Strict):
     kind: Literal["text"] = "text"
-    source: str = Field(description="docstrings, wordnet, fortunes, file:PATH, jsonl:PATH or hf:NAME")
+    source: str = Field(description="docstrings, wordnet, fortunes, bible, file:PATH, jsonl:PATH or hf:NAME")
     limit: PositiveInt | None = None
     field: str = "text"
     split: str = "train"

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Set up .venv with replacer, its test tools and the offline pretrained models, plus the Debian
-# text and image data the recipes use (WordNet, fortunes, Fashion-MNIST). Safe to re-run.
+# text and image data the recipes use (WordNet, fortunes, the World English Bible, Fashion-MNIST). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DEBIAN_DATA="wordnet-base fortunes dataset-fashion-mnist"
-if [ ! -d /usr/share/wordnet ] || [ ! -d /usr/share/games/fortunes ] || [ ! -d /usr/share/datasets/fashion-mnist ]; then
+DEBIAN_DATA="wordnet-base fortunes sword-text-web dataset-fashion-mnist"
+if [ ! -d /usr/share/wordnet ] || [ ! -d /usr/share/games/fortunes ] || [ ! -d /usr/share/sword/modules/texts/ztext/engWEB2015eb ] || [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $DEBIAN_DATA >/dev/null
   else

@@ -6,6 +6,7 @@ import gzip
 import json
 import struct
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from replacer.data import (
     IMAGENET_STD,
     TEXT_SOURCES,
     DataError,
+    bible_sentences,
     IdxImageDataset,
     ImageFolderDataset,
     digits_dataset,
@@ -38,6 +40,7 @@ from replacer.errors import ReplacerError
 
 REAL_WORDNET = Path("/usr/share/wordnet/data.noun").is_file()
 REAL_FORTUNES = Path("/usr/share/games/fortunes/fortunes").is_file()
+REAL_BIBLE = Path("/usr/share/sword/modules/texts/ztext/engWEB2015eb/nt.bzs").is_file()
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -162,6 +165,57 @@ def test_real_fortunes():
     entries = fortune_sentences(limit=300, seed=0)
     assert len(entries) == 300 and all(30 <= len(e) <= 300 for e in entries)
     assert fortune_sentences(limit=300, seed=0) == entries
+
+
+def make_ztext(root: Path, books: list[str]) -> Path:
+    """A SWORD zText module: one zlib block per book, indexed by (offset, size, plain size)."""
+    root.mkdir(parents=True)
+    index, data = b"", b""
+    for book in books:
+        block = zlib.compress(book.encode())
+        index += struct.pack("<III", len(data), len(block), len(book.encode()))
+        data += block
+    (root / "nt.bzs").write_bytes(index + struct.pack("<III", len(data), 0, 0))  # an empty trailing entry
+    (root / "nt.bzz").write_bytes(data)
+    return root
+
+
+OSIS_BOOK = (
+    '<div type="book"><title>The Good News</title><chapter osisID="X.1"/>'
+    '<w lemma="strong:G1">In</w> the beginning was the <w lemma="strong:G2">Word</w>.'
+    '<note placement="foot">Some manuscripts read otherwise and this note is not prose.</note> '
+    'He said, <q marker="\u201c">\u201c Come and see what is written here! \u201d</q> Short. '
+    "The children of Israel didn\u2019t forget the covenant of their fathers.</div>"
+)
+
+
+def test_bible_reads_ztext_blocks_and_strips_osis(tmp_path):
+    texts = bible_sentences(make_ztext(tmp_path / "web", [OSIS_BOOK, "<div>Another book stands in its own block here.</div>"]))
+    assert sorted(texts) == [
+        "Another book stands in its own block here.",
+        'He said, "Come and see what is written here!" Short.',
+        "In the beginning was the Word.",
+        "The children of Israel didn't forget the covenant of their fathers.",
+    ]
+
+
+def test_bible_missing_and_corrupt(tmp_path):
+    with pytest.raises(DataError) as exc:
+        bible_sentences(tmp_path / "nowhere")
+    assert "install the Debian package `sword-text-web`" in one_line(exc)
+    root = make_ztext(tmp_path / "web", [OSIS_BOOK])
+    (root / "nt.bzz").write_bytes(b"not zlib data at all" * 10)
+    with pytest.raises(DataError) as exc:
+        bible_sentences(root)
+    assert "is corrupt at offset 0" in one_line(exc)
+
+
+@pytest.mark.skipif(not REAL_BIBLE, reason="Debian package sword-text-web not installed (scripts/install.sh installs it)")
+def test_real_bible():
+    texts = bible_sentences(limit=500, seed=0)
+    assert len(texts) == 500 and all(is_prose(t) for t in texts)
+    assert not any("<" in t or "strong:" in t for t in texts)
+    assert load_texts("bible", limit=500, seed=0) == texts
 
 
 # --- files, JSON lines, Hugging Face, dispatch ------------------------------------------------------

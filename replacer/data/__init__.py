@@ -16,6 +16,7 @@ from replacer.data.images import (
 )
 from replacer.data.text import (
     TEXT_SOURCES,
+    bible_sentences,
     docstring_sentences,
     fortune_sentences,
     hf_dataset_texts,
@@ -31,6 +32,7 @@ from replacer.errors import DataError
 
 __all__ = [
     "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "IMAGENET_MEAN", "IMAGENET_STD", "TEXT_SOURCES", "DataError",
+    "bible_sentences",
     "IdxImageDataset", "ImageFolderDataset", "digits_dataset", "docstring_sentences", "fortune_sentences",
     "hf_dataset_texts", "is_prose", "jsonl_texts", "load_texts", "read_idx", "split_sentences", "split_texts",
     "text_file_lines", "wordnet_sentences",

@@ -16,7 +16,9 @@ import random
 import re
 import site
 import sys
+import struct
 import sysconfig
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +27,7 @@ from replacer.errors import DataError
 
 WORDNET_ROOT = "/usr/share/wordnet"
 FORTUNES_ROOT = "/usr/share/games/fortunes"
+BIBLE_ROOT = "/usr/share/sword/modules/texts/ztext/engWEB2015eb"
 MIN_CHARS, MAX_CHARS = 30, 300
 MIN_LETTER_FRACTION = 0.75
 CANDIDATES_PER_TEXT = 4
@@ -50,7 +53,7 @@ _MARKUP_LINE = re.compile(
 _CODE_MARKS = (">>>", "::", " : ", "`", "_", "|", "{", "}", "[", "<", ">", "$", "*", "\\", "=", "http")
 
 SOURCE_FORMS = (
-    "docstrings, wordnet, fortunes, file:PATH (one text per line), jsonl:PATH (field=NAME), "
+    "docstrings, wordnet, fortunes, bible, file:PATH (one text per line), jsonl:PATH (field=NAME), "
     "hf:NAME (split=SPLIT, field=NAME)"
 )
 
@@ -211,6 +214,48 @@ def _fortune_entries(path: Path) -> list[str]:
     return [" ".join(entry.split()) for entry in entries if entry.strip()]
 
 
+def bible_sentences(root: str | Path = BIBLE_ROOT, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Sentences of the World English Bible (modern English narrative, poetry and letters).
+
+    Read from the SWORD zText module of the Debian package `sword-text-web`: `*.bzs` lists each
+    book's zlib-compressed block in `*.bzz` as (offset, size, plain size); the text is OSIS XML,
+    whose footnotes and titles are dropped and whose other tags are stripped.
+    """
+    check_limit(limit)
+    folder = Path(root)
+    indexes = sorted(folder.glob("*.bzs")) if folder.is_dir() else []
+    if not indexes:
+        raise DataError(
+            f"the World English Bible was not found at {folder} (no *.bzs/*.bzz): install the Debian package "
+            "`sword-text-web` (apt-get install sword-text-web) or use another text source"
+        )
+    sentences = (s for index in indexes for block in _ztext_blocks(index) for s in split_sentences(_osis_text(block)))
+    return _sample(filter(is_prose, sentences), limit, seed, f"no prose sentences in {folder}; use another text source")
+
+
+def _ztext_blocks(index: Path) -> Iterator[str]:
+    data = index.with_suffix(".bzz").read_bytes()
+    table = index.read_bytes()
+    for offset, size, _ in struct.iter_unpack("<III", table[: len(table) // 12 * 12]):
+        if size:
+            try:
+                yield zlib.decompress(data[offset : offset + size]).decode("utf-8", errors="replace")
+            except zlib.error as exc:
+                raise DataError(f"{index.with_suffix('.bzz')} is corrupt at offset {offset} ({exc}); reinstall sword-text-web") from None
+
+
+_OSIS_DROPPED = re.compile(r"<(note|title)\b[^>]*>.*?</\1>", re.DOTALL)
+_OSIS_TAG = re.compile(r"<[^>]+>")
+
+
+def _osis_text(block: str) -> str:
+    """Plain text of an OSIS block; quotation marks and apostrophes made ASCII like the other sources."""
+    text = " ".join(_OSIS_TAG.sub(" ", _OSIS_DROPPED.sub(" ", block)).split())
+    text = text.replace("\u201c ", "\u201c").replace(" \u201d", "\u201d").replace("\u2018 ", "\u2018").replace(" \u2019", "\u2019")
+    text = text.translate(str.maketrans({"\u201c": '"', "\u201d": '"', "\u2018": "'", "\u2019": "'"}))
+    return re.sub(r"\s+([,.;:?!])", r"\1", text)
+
+
 def text_file_lines(paths: Iterable[str | Path], limit: int | None = None, seed: int = 0) -> list[str]:
     """One text per non-empty line of UTF-8 files: the simplest way to bring your own corpus."""
     check_limit(limit)
@@ -284,13 +329,14 @@ TEXT_SOURCES: dict[str, Callable[..., list[str]]] = {
     "docstrings": docstring_sentences,
     "wordnet": wordnet_sentences,
     "fortunes": fortune_sentences,
+    "bible": bible_sentences,
 }
 
 
 def load_texts(source: str, limit: int | None = None, seed: int = 0, **kwargs) -> list[str]:
     """Texts from a source string, so configs and the CLI can name any source in one field.
 
-    `kwargs` go to the chosen source: `root=` for wordnet/fortunes, `field=` for jsonl and hf,
+    `kwargs` go to the chosen source: `root=` for wordnet/fortunes/bible, `field=` for jsonl and hf,
     `split=` for hf.
     """
     if source in TEXT_SOURCES:
