@@ -1,16 +1,16 @@
-"""Evaluation: fidelity to the teacher, task metrics, per-site error, params and CPU latency."""
+"""Evaluation: fidelity to the teacher, task metrics, per-site and per-layer similarity, params, CPU latency, figures."""
 
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from replacer.distill.blockwise import site_wrappers
-from replacer.distill.capture import capture_sites
+from replacer import analysis
 from replacer.models import count_parameters
 from replacer.tasks import Batch, Task
 
@@ -19,29 +19,6 @@ from replacer.tasks import Batch, Task
 def outputs(task: Task, model: nn.Module, batches: list[Batch]) -> list[dict]:
     model.eval()
     return [task.run(model, b) for b in batches]
-
-
-@torch.no_grad()
-def site_errors(teacher: nn.Module, students: dict[str, nn.Module], batches: list[Batch], task: Task) -> dict[str, dict[str, float]]:
-    """Relative squared error of each replaced site on the teacher's own site inputs, per student."""
-    reference = next(iter(students.values()))
-    wrappers = site_wrappers(reference)
-    with capture_sites(teacher, wrappers) as records:
-        for b in batches:
-            task.run(teacher, b)
-    errors: dict[str, dict[str, float]] = {}
-    for label, student in students.items():
-        theirs = site_wrappers(student)
-        for name, pairs in records.items():
-            num = den = 0.0
-            for x, y, keep in pairs:
-                diff = (theirs[name].mix(x, keep) - y).pow(2).sum(-1)
-                power = y.pow(2).sum(-1)
-                if keep is not None:
-                    diff, power = diff[keep], power[keep]
-                num, den = num + diff.sum().item(), den + power.sum().item()
-            errors.setdefault(name, {})[label] = num / max(den, 1e-12)
-    return errors
 
 
 @torch.no_grad()
@@ -57,19 +34,55 @@ def median_latency_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> f
 
 
 def evaluate(
-    teacher: nn.Module, models: dict[str, nn.Module], task: Task, batches: list[Batch], one: Batch,
+    teacher: nn.Module, models: dict[str, nn.Module], task: Task, batches: list[Batch], timed: dict[int, Batch],
     latency_repeats: int | None, site_error_batches: int,
 ) -> dict[str, Any]:
-    """Metrics of every model in `models` (e.g. distilled student, undistilled baseline) against the teacher."""
+    """Metrics of every model in `models` (e.g. distilled student, undistilled baseline) against the teacher.
+
+    `timed` maps batch sizes to the batches whose CPU latency is measured (median of `latency_repeats`).
+    """
     teacher_out = outputs(task, teacher, batches)
     result: dict[str, Any] = {
         "params": {"teacher": count_parameters(teacher), **{k: count_parameters(m) for k, m in models.items()}},
         "fidelity": {k: task.compare(teacher_out, outputs(task, m, batches), batches) for k, m in models.items()},
-        "site_relative_error": site_errors(teacher, models, batches[:site_error_batches], task),
     }
+    probe = batches[:site_error_batches]
+    per_model = {k: analysis.site_similarity(teacher, m, task, probe) for k, m in models.items()}
+    result["site_similarity"] = {site: {k: stats[site] for k, stats in per_model.items()} for site in next(iter(per_model.values()))}
+    result["layer_cka"] = {k: analysis.layer_cka(teacher, m, task, probe) for k, m in models.items()}
     if latency_repeats:
-        result["latency_ms_batch1"] = {
-            name: median_latency_ms(lambda m=m: task.run(m, one), latency_repeats)
-            for name, m in {"teacher": teacher, **models}.items()
+        result["latency_ms"] = {
+            str(size): {
+                name: median_latency_ms(lambda m=m, b=batch: task.run(m, b), latency_repeats)
+                for name, m in {"teacher": teacher, **models}.items()
+            }
+            for size, batch in timed.items()
         }
     return result
+
+
+def write_figures(
+    folder: Path, metrics: dict[str, Any], teacher: nn.Module, student: nn.Module, task: Task, batch: Batch,
+    metrics_jsonl: Path, examples: int = 3,
+) -> list[Path]:
+    """The run's pictures: loss curves, per-site and per-layer similarity, token-similarity matrices of
+    a few held-out examples at the middle replaced site, and quality against parameter count."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    if metrics_jsonl.is_file() and analysis.read_losses(metrics_jsonl):  # worker processes log no steps
+        written.append(analysis.plot_loss_curves(metrics_jsonl, folder / "loss_curves.png"))
+    per_site = {k: {site: v[k] for site, v in metrics["site_similarity"].items()} for k in metrics["layer_cka"]}
+    written.append(analysis.plot_layer_similarity(
+        per_site, folder / "site_similarity.png", title="Each replaced site on the teacher's inputs"))
+    written.append(analysis.plot_layer_similarity(
+        metrics["layer_cka"], folder / "layer_cka.png", title="Hidden states after each block (errors compound)"))
+    sites = list(metrics["site_similarity"])
+    middle = sites[len(sites) // 2]
+    count = min(examples, next(iter(batch.values())).shape[0])
+    pairs = [(*analysis.token_similarity(teacher, student, task, batch, middle, i), f"example {i}") for i in range(count)]
+    written.append(analysis.plot_token_similarity(pairs, folder / "token_similarity.png", title=f"Token-to-token cosine similarity at {middle}"))
+    name, teacher_value, _ = task.quality(next(iter(metrics["fidelity"].values())))
+    points = [{"label": "teacher", "params": metrics["params"]["teacher"], "value": teacher_value}]
+    points += [{"label": k, "params": metrics["params"][k], "value": task.quality(f)[2]} for k, f in metrics["fidelity"].items()]
+    written.append(analysis.plot_accuracy_vs_params([p for p in points if p["value"] == p["value"]], folder / "quality_vs_params.png", name))
+    return written

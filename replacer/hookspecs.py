@@ -42,8 +42,12 @@ def replacer_build_model(origin: dict) -> Any:
 
 
 @hookspec(firstresult=True)
-def replacer_load_model(source: str, pretrained: bool) -> Any:
-    """If this plugin's family understands the source string (a name, a path), load and return the model."""
+def replacer_load_model(source: str, pretrained: bool, kwargs: dict) -> Any:
+    """If this plugin's family understands the source string (a name, a path), load and return the model.
+
+    `kwargs` (possibly empty) shape the architecture: constructor arguments for timm, config
+    overrides for transformers. A plugin that cannot honour them raises ModelSourceError.
+    """
 
 
 @hookspec(firstresult=True)

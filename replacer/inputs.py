@@ -40,10 +40,10 @@ def _missing_data(section: str, sources: list[DataSource]) -> list[str]:
 def load_teacher(spec: ModelSpec) -> nn.Module:
     """The teacher, from the hub/offline package or from a local weights file (never unpickled)."""
     if spec.checkpoint is None:
-        return load_model(spec.source, pretrained=spec.pretrained).eval()
+        return load_model(spec.source, pretrained=spec.pretrained, kwargs=spec.kwargs).eval()
     if not spec.checkpoint.is_file():
         raise MissingInputError(f"model.checkpoint {spec.checkpoint} does not exist")
-    model = load_model(spec.source, pretrained=False)
+    model = load_model(spec.source, pretrained=False, kwargs=spec.kwargs)
     state = read_weights(spec.checkpoint)
     try:
         model.load_state_dict(state, strict=True)

@@ -19,15 +19,17 @@ SOURCE_FORMS = (
 )
 
 
-def load_model(source: str, pretrained: bool = True) -> nn.Module:
+def load_model(source: str, pretrained: bool = True, kwargs: dict | None = None) -> nn.Module:
     """Load a model from any source form a family plugin (or `module:callable`) understands.
 
     `pretrained=False` builds the architecture with random weights: enough to scan it, and what
-    tests use. Pretrained weights for hub models need the network or a local copy.
+    tests use. Pretrained weights for hub models need the network or a local copy. `kwargs` shape
+    the architecture (timm constructor arguments, transformers config overrides, or the callable's
+    keyword arguments), e.g. a small DeiT for 28 x 28 grey images.
     """
     if _is_callable_source(source):
-        return _call_factory(source)
-    model = get_registry().load_model(source, pretrained)
+        return _call_factory(source, kwargs or {})
+    model = get_registry().load_model(source, pretrained, kwargs)
     if model is None:
         raise ModelSourceError(f"cannot resolve model source '{source}'; give {SOURCE_FORMS}")
     return model
@@ -38,16 +40,19 @@ def _is_callable_source(source: str) -> bool:
     return bool(sep) and module not in ("timm", "hf") and attr.isidentifier() and "/" not in module
 
 
-def _call_factory(source: str) -> nn.Module:
+def _call_factory(source: str, kwargs: dict) -> nn.Module:
     module_name, _, attr = source.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ModelSourceError(f"cannot import '{source}': {exc}") from None
-    model = factory()
+    try:
+        model = factory(**kwargs)
+    except TypeError as exc:
+        raise ModelSourceError(f"'{source}' does not take the model.kwargs given ({exc})") from None
     if not isinstance(model, nn.Module):
         raise ModelSourceError(f"'{source}' returned a {type(model).__name__}, not a torch.nn.Module")
-    model.replacer_origin = {"family": "callable", "target": source}
+    model.replacer_origin = {"family": "callable", "target": source, **({"kwargs": kwargs} if kwargs else {})}
     return model
 
 
@@ -75,7 +80,7 @@ def build_from_origin(origin: dict | None) -> nn.Module:
             "the checkpoint does not say how to rebuild its base model; pass base=<a model of the same architecture>"
         )
     if origin.get("family") == "callable":
-        return _call_factory(origin["target"])
+        return _call_factory(origin["target"], origin.get("kwargs", {}))
     model = get_registry().build_model(origin)
     if model is None:
         raise CheckpointError(

@@ -116,8 +116,8 @@ class Registry:
                 f"unknown analyzer plugin '{name}'; installed: {', '.join(sorted(self._analyzers)) or 'none'}"
             ) from None
 
-    def load_model(self, source: str, pretrained: bool) -> Any:
-        return self.manager.hook.replacer_load_model(source=source, pretrained=pretrained)
+    def load_model(self, source: str, pretrained: bool, kwargs: dict | None = None) -> Any:
+        return self.manager.hook.replacer_load_model(source=source, pretrained=pretrained, kwargs=dict(kwargs or {}))
 
     def load_tokenizer(self, source: str) -> Any:
         return self.manager.hook.replacer_load_tokenizer(source=source)

@@ -31,6 +31,11 @@ class ModelSpec(Strict):
     source: str = Field(description="timm name, HF model dir, hf:ID, minilm, smollm2 or module:callable")
     pretrained: bool = Field(True, description="load pretrained weights (from the hub or the offline package)")
     checkpoint: Path | None = Field(None, description="local weights file (.safetensors, .pth, .bin) to load instead")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="architecture arguments: timm constructor arguments (img_size, in_chans, depth, ...), "
+        "transformers config overrides, or a callable's keyword arguments",
+    )
     tokenizer: str | None = Field(None, description="tokenizer source for text models (default: the model source)")
     task: Literal["auto", "embedding", "classification", "causal-lm"] = Field(
         "auto", description="what the model computes; decides losses and metrics"
@@ -74,6 +79,16 @@ class DataSpec(Strict):
     batch_size: PositiveInt = 32
 
 
+class TeacherSpec(Strict):
+    train: bool = Field(
+        False, description="train the teacher from scratch on data.train first (where no pretrained weights exist)"
+    )
+    steps: int = Field(2000, ge=1, description="optimizer steps (batches of data.batch_size)")
+    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate (warm-up, then cosine decay)")
+    weight_decay: float = Field(0.05, ge=0)
+    checkpoint_every: PositiveInt = 200
+
+
 class MixerChoice(Strict):
     plugin: str = Field("lstm", description="a mixer plugin from `replacer plugins`")
     options: dict[str, Any] = Field(default_factory=dict, description="the plugin's options (validated by it)")
@@ -114,8 +129,10 @@ class TuneSpec(Strict):
 class EvalSpec(Strict):
     baseline: bool = Field(True, description="also evaluate the same mixers without distillation")
     latency: bool = True
+    latency_batch_sizes: list[PositiveInt] = Field([1], min_length=1, description="batch sizes timed on the CPU")
     latency_repeats: PositiveInt = 10
-    site_error_batches: PositiveInt = 2
+    site_error_batches: PositiveInt = Field(2, description="held-out batches for per-site and per-layer similarity")
+    figures: bool = Field(True, description="write PNG figures (loss curves, similarity per site and layer, ...)")
 
 
 class ExportSpec(Strict):
@@ -128,12 +145,22 @@ class Recipe(Strict):
     run_dir: Path | None = Field(None, description="default: runs/<name>")
     model: ModelSpec = Field(description="the teacher")
     data: DataSpec = Field(description="training and held-out evaluation data")
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="train the teacher first (offline vision)")
     sites: Literal["all"] | list[int | str] = Field("all", description="all, or layer indices / names / globs")
     mixer: MixerChoice = Field(default_factory=MixerChoice, description="the mixer plugin and its options")
     distill: DistillSpec = Field(default_factory=DistillSpec, description="block-wise distillation")
     tune: TuneSpec = Field(default_factory=TuneSpec, description="end-to-end tuning")
     evaluate: EvalSpec = Field(default_factory=EvalSpec, description="held-out evaluation")
     export: ExportSpec = Field(default_factory=ExportSpec, description="the final model as safetensors + manifest")
+
+    @model_validator(mode="after")
+    def _trained_teacher_starts_from_scratch(self) -> "Recipe":
+        if self.teacher.train and (self.model.pretrained or self.model.checkpoint is not None):
+            raise ValueError(
+                "teacher.train trains the teacher from random weights: set model.pretrained to false "
+                "and leave model.checkpoint unset (or turn teacher.train off to use those weights)"
+            )
+        return self
 
     @property
     def directory(self) -> Path:
@@ -188,6 +215,8 @@ def _explain(exc: ValidationError, origin: str) -> str:
         return f"{origin}: {field}: unknown field ({hint})"
     if err["type"] == "missing":
         return f"{origin}: {field}: required field is missing"
+    if err["type"] == "value_error":  # a check across fields: its message names them and the fix
+        return f"{origin}: {field}: {err['msg'].removeprefix('Value error, ')}"
     return f"{origin}: {field}: {err['msg']} (got {err.get('input')!r})"
 
 

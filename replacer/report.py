@@ -53,22 +53,33 @@ def render_markdown(report: dict[str, Any]) -> str:
         "the baseline skips distillation.",
         "## Fidelity to the teacher (held-out data)",
         _table(["metric", *models], [[n, *(fidelity[m][n] for m in models)] for n in names]),
-        "## Per-site relative error (teacher inputs)",
+        "## Per-site fidelity on the teacher's own inputs",
+        "Relative squared error (lower is better) and linear CKA of the tokens (higher is better) of each "
+        "replaced site's output against the teacher attention's output.",
         _table(
-            ["site", *models],
-            [[site, *(errs.get(m, float("nan")) for m in models)] for site, errs in report["site_relative_error"].items()],
+            ["site", *(f"{m}: rel. error" for m in models), *(f"{m}: CKA" for m in models)],
+            [
+                [site, *(stats[m]["relative_error"] for m in models), *(stats[m]["cka"] for m in models)]
+                for site, stats in report["site_similarity"].items()
+            ],
         ),
+        "## Per-layer CKA of hidden states (each model on its own activations)",
+        _table(["block", *models], [[i, *(report["layer_cka"][m][i] for m in models)] for i in range(len(next(iter(report["layer_cka"].values()))))]),
     ]
     params = report["params"]
-    latency = report.get("latency_ms_batch1", {})
+    latency = report.get("latency_ms", {})
     rows = []
     for name, count in params.items():
         row = [name, count, count / params["teacher"]]
-        if latency:
-            row += [latency[name], latency[name] / latency["teacher"]]
+        for times in latency.values():
+            row += [times[name], times[name] / times["teacher"]]
         rows.append(row)
-    header = ["model", "params", "x teacher"] + (["CPU ms (batch 1)", "x teacher"] if latency else [])
+    header = ["model", "params", "x teacher"]
+    for size in latency:
+        header += [f"CPU ms (batch {size})", "x teacher"]
     parts += ["## Size and speed", _table(header, rows)]
     stage_rows = [[stage, info.get("seconds", float("nan"))] for stage, info in report["stages"].items()]
     parts += ["## Stages", _table(["stage", "seconds"], stage_rows)]
+    if report.get("figures"):
+        parts += ["## Figures", "\n\n".join(f"![{Path(f).stem.replace('_', ' ')}]({f})" for f in report["figures"])]
     return "\n\n".join(parts) + "\n"

@@ -1,6 +1,7 @@
 """One recipe run: a directory that holds everything, stages that resume, and a report.
 
-Stages: distill (block-wise) -> tune (end-to-end) -> evaluate -> export. Each finished stage is
+Stages: teacher (only when the recipe trains one) -> distill (block-wise) -> tune (end-to-end)
+-> evaluate -> export. Each finished stage is
 recorded in `state.json` with its output on disk, so running the same command again after a
 crash or Ctrl-C skips finished stages and resumes the interrupted one from its last checkpoint.
 """
@@ -25,14 +26,15 @@ import replacer
 from replacer.batches import BatchPlan
 from replacer.distill.blockwise import distill_blockwise
 from replacer.distill.end_to_end import tune_end_to_end
-from replacer.evaluate import evaluate
+from replacer.evaluate import evaluate, write_figures
 from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
 from replacer.recipe import Recipe, RecipeError
 from replacer.report import write_report
 from replacer.tasks import resolve_task
+from replacer.teacher import obtain_teacher
 from replacer.training_state import clear_state
 
-STAGES = ("distill", "tune", "evaluate", "export")
+STAGES = ("teacher", "distill", "tune", "evaluate", "export")
 
 
 class RunProgress:
@@ -105,10 +107,16 @@ def run_recipe(recipe: Recipe, restart: bool = False, console: Console | None = 
     train = load_examples(recipe.data.train, recipe.seed)
     held_out = load_examples(recipe.data.eval, recipe.seed + 1)
     plan = BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=_lengths(train))
-    student = _student(recipe, teacher)
     progress = RunProgress(console)
     stage_dir = run.path / "students"
     with progress.progress:
+        if recipe.teacher.train:
+            start = time.time()
+            with progress.task("teacher: train from scratch", recipe.teacher.steps) as advance:
+                teacher, trained = obtain_teacher(recipe, teacher, task, plan, advance, run.log)
+            if not run.done("teacher"):
+                run.finish("teacher", time.time() - start, trained_now=trained)
+        student = _student(recipe, teacher)
         if recipe.distill.enabled and not run.done("distill"):
             start = time.time()
             losses = distill_blockwise(
@@ -135,12 +143,16 @@ def run_recipe(recipe: Recipe, restart: bool = False, console: Console | None = 
             if recipe.evaluate.baseline:
                 models["undistilled"] = _student(recipe, teacher)
             with progress.task("evaluate", 1) as advance:
+                timed = {k: task.collate([held_out[i % len(held_out)] for i in range(k)]) for k in recipe.evaluate.latency_batch_sizes}
                 metrics = evaluate(
-                    teacher, models, task, batches, task.collate([held_out[0]]),
+                    teacher, models, task, batches, timed,
                     recipe.evaluate.latency_repeats if recipe.evaluate.latency else None,
                     recipe.evaluate.site_error_batches,
                 )
                 advance()
+            if recipe.evaluate.figures:
+                figures = write_figures(run.path / "figures", metrics, teacher, student, task, batches[0], run.path / "metrics.jsonl")
+                metrics["figures"] = [str(f.relative_to(run.path)) for f in figures]
             (run.path / "evaluation.json").write_text(json.dumps(metrics, indent=2))
             run.finish("evaluate", time.time() - start)
         if recipe.export.enabled and not run.done("export"):

@@ -46,6 +46,10 @@ class Task(abc.ABC):
     headline: str = ""
     """The metric a report leads with."""
 
+    def quality(self, fidelity: dict[str, float]) -> tuple[str, float, float]:
+        """(name, teacher's value, student's value) of the figure plotted against model size."""
+        return self.headline, float("nan"), fidelity[self.headline]
+
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
@@ -77,6 +81,9 @@ class EmbeddingTask(Task):
         hidden = _masked_mean((student["hidden"] - teacher["hidden"]).pow(2).mean(-1), mask) / scale
         cosine = 1 - (student["embedding"] * teacher["embedding"]).sum(-1).mean()
         return hidden + cosine
+
+    def quality(self, fidelity: dict[str, float]) -> tuple[str, float, float]:
+        return "embedding cosine to the teacher", 1.0, fidelity["embedding_cosine_mean"]
 
     def compare(self, teacher: list[dict], student: list[dict], batches: list[Batch]) -> dict[str, float]:
         t = torch.cat([o["embedding"] for o in teacher]).float()
@@ -115,6 +122,9 @@ class ClassificationTask(Task):
 
     def task_loss(self, student: dict, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(student["logits"], batch["labels"])
+
+    def quality(self, fidelity: dict[str, float]) -> tuple[str, float, float]:
+        return "top-1 accuracy (%)", fidelity["teacher_top1"], fidelity["student_top1"]
 
     def compare(self, teacher: list[dict], student: list[dict], batches: list[Batch]) -> dict[str, float]:
         t = torch.cat([o["logits"] for o in teacher]).float()
@@ -159,6 +169,9 @@ class CausalLMTask(Task):
         mask = batch["attention_mask"][:, 1:].bool()
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch["input_ids"][:, 1:], reduction="none")
         return losses[mask]
+
+    def quality(self, fidelity: dict[str, float]) -> tuple[str, float, float]:
+        return "perplexity", fidelity["teacher_perplexity"], fidelity["student_perplexity"]
 
     def compare(self, teacher: list[dict], student: list[dict], batches: list[Batch]) -> dict[str, float]:
         t_nll = torch.cat([self._nll(o["logits"], b) for o, b in zip(teacher, batches)])

@@ -278,7 +278,7 @@ def test_hf_without_datasets(monkeypatch):
 
 
 def test_load_texts_dispatch(tmp_path):
-    assert set(TEXT_SOURCES) == {"docstrings", "wordnet", "fortunes"}
+    assert set(TEXT_SOURCES) == {"docstrings", "wordnet", "fortunes", "bible"}
     lines = _write(tmp_path / "t.txt", "alpha\nbeta\ngamma\n")
     assert load_texts(f"file:{lines}", limit=None, seed=0) == text_file_lines([lines], seed=0)
     records = _write(tmp_path / "t.jsonl", '{"body": "alpha"}\n{"body": "beta"}\n')

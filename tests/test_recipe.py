@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from replacer.cli import app
 from replacer.recipe import RecipeError, load_recipe
 
-RECIPES = sorted(Path(__file__).parent.parent.joinpath("recipes").glob("*.yaml"))
+ROOT = Path(__file__).parent.parent
+RECIPES = sorted(ROOT.joinpath("recipes").glob("*.yaml"))
 MINIMAL = """
 name: t
 model: {source: minilm}
@@ -81,3 +82,15 @@ def test_cli_validate(tmp_path):
     assert ok.exit_code == 0 and "valid recipe 't'" in ok.output
     bad = runner.invoke(app, ["validate", str(tmp_path / "r.yaml"), "--set", "tune.lr=-1"])
     assert bad.exit_code == 2 and "tune.lr: Input should be greater than 0" in bad.output
+
+
+def test_teacher_training_needs_random_initial_weights(tmp_path):
+    path = ROOT / "recipes" / "fashion_vit_lstm.yaml"
+    with pytest.raises(RecipeError, match=r"teacher.train trains the teacher from random weights: set model.pretrained to false"):
+        load_recipe(path, ["model.pretrained=true"])
+    message = ""
+    try:
+        load_recipe(path, ["model.checkpoint=/tmp/x.safetensors"])
+    except RecipeError as exc:
+        message = str(exc)
+    assert "leave model.checkpoint unset" in message and "\n" not in message and "{" not in message

@@ -19,7 +19,7 @@ def replacer_adapters() -> list:
 
 
 @hookimpl
-def replacer_load_model(source: str, pretrained: bool) -> nn.Module | None:
+def replacer_load_model(source: str, pretrained: bool, kwargs: dict) -> nn.Module | None:
     import timm
 
     name = source.removeprefix("timm:")
@@ -32,7 +32,10 @@ def replacer_load_model(source: str, pretrained: bool) -> nn.Module | None:
             f"pretrained weights for {name} cannot be downloaded (no network): set model.checkpoint to a local "
             "weights file (.safetensors or .pth), or model.pretrained to false"
         )
-    return timm.create_model(name, pretrained=pretrained)
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except TypeError as exc:
+        raise ModelSourceError(f"timm model '{name}' rejects model.kwargs {kwargs}: {exc}") from None
 
 
 @hookimpl

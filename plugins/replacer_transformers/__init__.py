@@ -13,8 +13,8 @@ def replacer_adapters() -> list:
 
 
 @hookimpl
-def replacer_load_model(source: str, pretrained: bool):
-    return load_model(source, pretrained)
+def replacer_load_model(source: str, pretrained: bool, kwargs: dict):
+    return load_model(source, pretrained, kwargs)
 
 
 @hookimpl

@@ -59,12 +59,13 @@ def _resolve(source: str) -> tuple[Path | str, dict] | None:
     return None
 
 
-def load_model(source: str, pretrained: bool) -> Any:
+def load_model(source: str, pretrained: bool, config_overrides: dict | None = None) -> Any:
+    """A model from an offline alias, `hf:ID` or a local dir; `config_overrides` change config fields."""
     resolved = _resolve(source)
     if resolved is None:
         return None
     where, extra = resolved
-    return _load_dir(where, pretrained, causal_lm="gguf_file" in extra, **extra)
+    return _load_dir(where, pretrained, causal_lm="gguf_file" in extra, overrides=config_overrides or {}, **extra)
 
 
 def load_tokenizer(source: str) -> Any:
@@ -90,14 +91,19 @@ def _model_class(config: Any, causal_lm: bool) -> Any:
     return transformers.AutoModelForCausalLM if causal_lm else transformers.AutoModel
 
 
-def _load_dir(where: Path | str, pretrained: bool, causal_lm: bool = False, **extra: Any) -> Any:
+def _load_dir(where: Path | str, pretrained: bool, causal_lm: bool = False, overrides: dict | None = None, **extra: Any) -> Any:
     import transformers
 
     try:
         config = transformers.AutoConfig.from_pretrained(str(where), **extra)
+        unknown = sorted(set(overrides or {}) - set(config.to_dict()))
+        if unknown:
+            raise ModelSourceError(f"model.kwargs {unknown} are not fields of {type(config).__name__} for '{where}'")
+        for key, value in (overrides or {}).items():
+            setattr(config, key, value)
         cls = _model_class(config, causal_lm)
         if pretrained:
-            return cls.from_pretrained(str(where), **extra)
+            return cls.from_pretrained(str(where), **({"config": config} if overrides else {}), **extra)
         return cls.from_config(config) if cls.__name__.startswith("Auto") else cls._from_config(config)
     except OSError as exc:
         raise ModelSourceError(f"cannot load a transformers model from '{where}': {exc}".splitlines()[0]) from None
