@@ -19,7 +19,7 @@ from replacer.graph.scan import ScanResult  # noqa: E402
 from replacer.graph.scan import scan as _scan  # noqa: E402
 from replacer.graph.site import LinearWeights, Site, UnsupportedSite  # noqa: E402
 from replacer.hookspecs import hookimpl  # noqa: E402
-from replacer.mixer import Mixer, MixerSpec, MixerState  # noqa: E402
+from replacer.mixer import Mixer, MixerSpec, MixerState, ScanMixer  # noqa: E402
 from replacer.models import count_parameters, load_model  # noqa: E402
 from replacer.plugins import get_registry  # noqa: E402
 from replacer.replace import replace  # noqa: E402
@@ -32,7 +32,7 @@ def scan(model) -> ScanResult:
 
 __all__ = [
     "Adapter", "AnalyzerSpec", "CheckpointError", "LinearWeights", "Mixer", "MixerSpec", "MixerState",
-    "ModelSourceError", "NoAttentionError", "OptionsError", "ReplacedAttention", "ReplacerError", "ScanResult",
+    "ModelSourceError", "NoAttentionError", "OptionsError", "ReplacedAttention", "ReplacerError", "ScanMixer", "ScanResult",
     "Site", "SiteSelectionError", "UnknownPluginError", "Unsupported", "UnsupportedCallError", "UnsupportedSite",
     "count_parameters", "get_registry", "hookimpl", "load", "load_model", "replace", "save", "scan",
 ]

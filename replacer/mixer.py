@@ -47,6 +47,32 @@ class Mixer(nn.Module, abc.ABC):
         raise TypeError(f"{type(self).__name__} is not causal and has no state to carry")
 
 
+class ScanMixer(Mixer):
+    """A mixer whose whole-sequence forward is a scan from the empty state: one shape for recurrences.
+
+    Subclasses implement `scan`; with one direction the scan's state carries across calls, with two
+    (a backward scan reads the future) there is no state to carry.
+    """
+
+    directions: int = 1
+
+    @abc.abstractmethod
+    def scan(
+        self, x: torch.Tensor, state: MixerState | None, padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, MixerState]:
+        """Outputs and the final state, starting from `state` (None = the empty state)."""
+
+    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scan(x, None, padding_mask)[0]
+
+    def forward_stateful(
+        self, x: torch.Tensor, state: MixerState | None, padding_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, MixerState]:
+        if self.directions != 1:
+            raise TypeError(f"a bidirectional {type(self).__name__} reads the future and cannot carry state")
+        return self.scan(x, state, padding_mask)
+
+
 def select_state(state: MixerState, index: torch.Tensor) -> MixerState:
     """Keep the batch rows in `index` (beam search reordering, finished sequences dropped)."""
     return tuple(s.index_select(0, index.to(s.device)) for s in state)

@@ -21,10 +21,10 @@ from torch import nn
 
 from replacer.errors import OptionsError
 from replacer.graph.site import LinearWeights, Site
-from replacer.mixer import Mixer, MixerState
+from replacer.mixer import MixerState, ScanMixer
 
 GATE_BOUND = 15.0
-"""Bound on the input part of gate pre-activations; see `MultiHeadRecurrence._run`."""
+"""Bound on the input part of gate pre-activations; see `MultiHeadRecurrence.scan`."""
 
 
 class RecurrentOptions(BaseModel):
@@ -55,7 +55,7 @@ def resolve_bidirectional(plugin: str, site: Site, requested: bool | None) -> bo
     return requested
 
 
-class MultiHeadRecurrence(Mixer, abc.ABC):
+class MultiHeadRecurrence(ScanMixer):
     """Input projection -> G = heads x directions recurrent cells in one loop -> per-head merge.
 
     `gate_blocks` is the number of hidden-sized blocks in a cell's gate pre-activations (4 for an
@@ -89,17 +89,7 @@ class MultiHeadRecurrence(Mixer, abc.ABC):
     def extra_repr(self) -> str:
         return f"heads={self.heads}, head_dim={self.head_dim}, hidden={self.hidden}, directions={self.directions}"
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, None, padding_mask)[0]
-
-    def forward_stateful(
-        self, x: torch.Tensor, state: MixerState | None, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, MixerState]:
-        if self.directions != 1:
-            raise TypeError(f"a bidirectional {type(self).__name__} reads the future and cannot carry state")
-        return self._run(x, state, padding_mask)
-
-    def _run(
+    def scan(
         self, x: torch.Tensor, state: MixerState | None, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, MixerState]:
         # Saturated gates make states and gradients decay into denormal floats, which slow CPU ops

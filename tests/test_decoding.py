@@ -46,9 +46,10 @@ def test_cache_holds_mixer_state_not_keys():
     assert held["kv"] == 2 * 2 * 2 * 5 * 8 * 4  # keys and values of layer 1: batch 2, 2 KV heads, 5 tokens, dim 8
 
 
-def test_left_padded_batch_generates_like_each_row_alone():
+@pytest.mark.parametrize("plugin", ["lstm", "gru", "ssm"])
+def test_left_padded_batch_generates_like_each_row_alone(plugin):
     torch.manual_seed(0)
-    student = replacer.replace(tiny_llama().eval())
+    student = replacer.replace(tiny_llama().eval(), plugin=plugin)
     short, long = torch.randint(1, 100, (1, 3)), torch.randint(1, 100, (1, 6))
     ids = torch.cat((torch.cat((torch.zeros(1, 3, dtype=torch.long), short), 1), long))
     mask = torch.ones_like(ids)

@@ -208,14 +208,7 @@ def test_replaced_deit_trains_and_round_trips(tmp_path):
     roundtrip(student.eval(), tmp_path, {"x": images})
 
 
-def greedy_by_full_recompute(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    for _ in range(steps):
-        logits = model(ids, use_cache=False).logits
-        ids = torch.cat((ids, logits[:, -1:].argmax(-1)), dim=1)
-    return ids
-
-
-def test_replaced_llama_trains_round_trips_and_generates(tmp_path):
+def test_replaced_llama_trains_and_round_trips(tmp_path):
     torch.manual_seed(0)
     student = replacer.replace(tiny_llama().eval(), plugin="ssm")
     ids = torch.randint(1, 100, (2, 7))
@@ -223,15 +216,3 @@ def test_replaced_llama_trains_round_trips_and_generates(tmp_path):
     assert torch.isfinite(logits).all()
     logits.square().mean().backward()
     roundtrip(student, tmp_path, {"input_ids": ids})
-
-    prompt = ids[:1, :6]
-    generated = student.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8)
-    torch.testing.assert_close(generated, greedy_by_full_recompute(student, prompt, 8))
-
-    short, long = torch.randint(1, 100, (1, 3)), torch.randint(1, 100, (1, 6))
-    batch = torch.cat((torch.cat((torch.zeros(1, 3, dtype=torch.long), short), 1), long))
-    mask = torch.ones_like(batch)
-    mask[0, :3] = 0
-    together = student.generate(batch, attention_mask=mask, max_new_tokens=5, do_sample=False, min_new_tokens=5)
-    alone = student.generate(short, max_new_tokens=5, do_sample=False, min_new_tokens=5)
-    torch.testing.assert_close(together[0, 3:], alone[0])

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from replacer.graph.site import LinearWeights, Site
-from replacer.mixer import Mixer, MixerState
+from replacer.mixer import MixerState, ScanMixer
 from replacer.recurrent import resolve_bidirectional
 from replacer_ssm.scan import ssd_scan
 
@@ -59,7 +59,7 @@ def build(site: Site, options: SSMOptions, value: LinearWeights | None) -> "Mult
     return mixer
 
 
-class MultiHeadSSM(Mixer):
+class MultiHeadSSM(ScanMixer):
     def __init__(
         self, site: Site, state_size: int, conv_kernel: int, chunk_size: int, gate: bool, bidirectional: bool
     ) -> None:
@@ -102,20 +102,10 @@ class MultiHeadSSM(Mixer):
             f"conv_kernel={self.conv_kernel}, gate={self.gate_proj is not None}, directions={self.directions}"
         )
 
-    def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(x, None, padding_mask)[0]
-
-    def forward_stateful(
-        self, x: torch.Tensor, state: MixerState | None, padding_mask: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, MixerState]:
-        """State: (conv_state (B, heads*head_dim, conv_kernel-1), ssm_state (B, heads, state_size, head_dim))."""
-        if self.directions != 1:
-            raise TypeError("a bidirectional SSM reads the future and cannot carry state")
-        return self._run(x, state, padding_mask)
-
-    def _run(
+    def scan(
         self, x: torch.Tensor, state: MixerState | None, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, MixerState]:
+        """State: (conv_state (B, heads*head_dim, conv_kernel-1), ssm_state (B, heads, state_size, head_dim))."""
         # Strong decays (exp(dt*A) over many steps) produce denormal floats, which slow CPU ops ~20x.
         torch.set_flush_denormal(True)
         Bsz, N, _ = x.shape
