@@ -50,5 +50,7 @@ class BatchPlan:
         epoch, i = divmod(k, len(self))
         return self._batches(epoch)[i].tolist()
 
-    def batch(self, k: int) -> Batch:
-        return self.collate([self.examples[i] for i in self.indices(k)])
+    def batch(self, k: int, share: tuple[int, int] = (0, 1)) -> Batch:
+        """Batch k, or share (rank, ranks) of it: every ranks-th example from the rank-th on."""
+        rank, ranks = share
+        return self.collate([self.examples[i] for i in self.indices(k)[rank::ranks]])

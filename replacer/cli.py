@@ -125,18 +125,25 @@ def run(
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override KEY.PATH=VALUE; repeatable"),
     restart: bool = typer.Option(False, help="discard the run directory and start over"),
 ) -> None:
-    """Run a recipe: distill, tune, evaluate, export. Run it again to resume after an interruption."""
+    """Run a recipe: distill, tune, evaluate, export. Run it again to resume after an interruption.
+
+    Under `torchrun --nproc-per-node N -m replacer run RECIPE` the N processes share the work.
+    """
+    from replacer.distributed import world_from_environment
     from replacer.recipe import load_recipe
     from replacer.run import run_recipe
 
     try:
         loaded = load_recipe(recipe, set_)
-        run_recipe(loaded, restart=restart, console=console)
+        with world_from_environment() as world:
+            report = run_recipe(loaded, restart=restart, console=console, world=world)
     except ReplacerError as exc:
         _fail(exc)
     except KeyboardInterrupt:
         errors.print("interrupted: run the same command again to resume from the last checkpoint")
         raise typer.Exit(code=130)
+    if report is None:  # a torchrun rank other than 0: rank 0 reports
+        return
     folder = loaded.directory
     console.print((folder / "report.md").read_text(), markup=False, highlight=False)
     console.print(f"report: {folder / 'report.md'} (all figures in {folder / 'report.json'})")

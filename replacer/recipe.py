@@ -11,7 +11,8 @@ import difflib
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from types import UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
@@ -43,31 +44,33 @@ class ModelSpec(Strict):
 
 
 class TextData(Strict):
-    kind: Literal["text"] = "text"
+    kind: Literal["text"] = Field("text", description="plain text (the default kind)")
     source: str = Field(description="docstrings, wordnet, fortunes, bible, file:PATH, jsonl:PATH or hf:NAME")
-    limit: PositiveInt | None = None
-    field: str = "text"
-    split: str = "train"
-    max_length: PositiveInt = 128
+    limit: PositiveInt | None = Field(None, description="at most this many examples (default: all)")
+    field: str = Field("text", description="the text field of a JSONL file or a datasets dataset")
+    split: str = Field("train", description="the split of a datasets dataset")
+    max_length: PositiveInt = Field(128, description="tokens per example; longer texts are cut")
 
 
 class ImageFolderData(Strict):
-    kind: Literal["image-folder"]
-    root: Path
-    image_size: PositiveInt = 224
-    limit: PositiveInt | None = None
+    kind: Literal["image-folder"] = Field(description="ImageNet-style folder: one sub-folder of images per class")
+    root: Path = Field(description="the folder holding the class folders")
+    image_size: PositiveInt = Field(224, description="images are resized and centre-cropped to this size")
+    limit: PositiveInt | None = Field(None, description="at most this many images (default: all)")
 
 
 class IdxData(Strict):
-    kind: Literal["idx"]
-    folder: Path = Path("/usr/share/datasets/fashion-mnist")
-    split: Literal["train", "test"] = "train"
-    limit: PositiveInt | None = None
+    kind: Literal["idx"] = Field(description="IDX image and label files (MNIST, Fashion-MNIST)")
+    folder: Path = Field(
+        Path("/usr/share/datasets/fashion-mnist"), description="holds the *-images-idx3-ubyte(.gz) and label files"
+    )
+    split: Literal["train", "test"] = Field("train", description="train (60k) or test (10k, t10k-* files)")
+    limit: PositiveInt | None = Field(None, description="at most this many images (default: all)")
 
 
 class DigitsData(Strict):
-    kind: Literal["digits"]
-    split: Literal["train", "test"] = "train"
+    kind: Literal["digits"] = Field(description="scikit-learn's 8 x 8 handwritten digits (bundled with it)")
+    split: Literal["train", "test"] = Field("train", description="a fixed 80 / 20 split")
 
 
 DataSource = Annotated[Union[TextData, ImageFolderData, IdxData, DigitsData], Field(discriminator="kind")]
@@ -76,7 +79,7 @@ DataSource = Annotated[Union[TextData, ImageFolderData, IdxData, DigitsData], Fi
 class DataSpec(Strict):
     train: list[DataSource] = Field(min_length=1, description="mixed in equal shares by example count")
     eval: list[DataSource] = Field(min_length=1, description="held out; ideally another source than train")
-    batch_size: PositiveInt = 32
+    batch_size: PositiveInt = Field(32, description="examples per batch in every stage")
 
 
 class TeacherSpec(Strict):
@@ -85,8 +88,8 @@ class TeacherSpec(Strict):
     )
     steps: int = Field(2000, ge=1, description="optimizer steps (batches of data.batch_size)")
     lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate (warm-up, then cosine decay)")
-    weight_decay: float = Field(0.05, ge=0)
-    checkpoint_every: PositiveInt = 200
+    weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
+    checkpoint_every: PositiveInt = Field(200, description="steps between resumable checkpoints")
 
 
 class MixerChoice(Strict):
@@ -95,15 +98,17 @@ class MixerChoice(Strict):
 
 
 class DistillSpec(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="run the stage (false: mixers keep their initialisation)")
     steps: int = Field(500, ge=0, description="optimizer steps per site")
-    lr: float = Field(3e-3, gt=0)
-    loss: Literal["mse", "cosine", "mse+cosine"] = "mse"
+    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (warm-up, then cosine decay)")
+    loss: Literal["mse", "cosine", "mse+cosine"] = Field(
+        "mse", description="against the teacher's site output; cosine is 1 - cosine per token (FAR)"
+    )
     calibration_batches: PositiveInt = Field(64, description="teacher batches captured per site")
-    cache: Literal["memory", "disk"] = "memory"
+    cache: Literal["memory", "disk"] = Field("memory", description="where captured teacher pairs are held")
     cache_max_gb: float = Field(2.0, gt=0, description="memory cache bound; capture stops early at the bound")
     workers: PositiveInt = Field(1, description="processes training sites in parallel (disk cache)")
-    checkpoint_every: PositiveInt = 100
+    checkpoint_every: PositiveInt = Field(100, description="steps between resumable checkpoints")
 
     @model_validator(mode="after")
     def _workers_read_from_disk(self) -> "DistillSpec":
@@ -113,30 +118,32 @@ class DistillSpec(Strict):
 
 
 class TuneSpec(Strict):
-    enabled: bool = True
-    steps: int = Field(200, ge=0)
+    enabled: bool = Field(True, description="run the stage")
+    steps: int = Field(200, ge=0, description="optimizer steps")
     lr: float = Field(1e-3, gt=0, description="learning rate of the mixers")
     other_lr_scale: float = Field(
         0.1, gt=0, description="learning rate of the other trained parameters, as a fraction of lr (pretrained weights move less)"
     )
     train: Literal["mixers", "all"] | list[str] = Field("mixers", description="mixers, all, or glob patterns")
-    kd_weight: float = Field(1.0, ge=0)
+    kd_weight: float = Field(
+        1.0, ge=0, description="weight of distillation from the teacher (logit KL, or embedding / hidden-state loss)"
+    )
     task_weight: float = Field(1.0, ge=0, description="weight of the task loss where data has labels")
     temperature: float = Field(1.0, gt=0, description="logit distillation temperature")
-    checkpoint_every: PositiveInt = 50
+    checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
 
 
 class EvalSpec(Strict):
     baseline: bool = Field(True, description="also evaluate the same mixers without distillation")
-    latency: bool = True
+    latency: bool = Field(True, description="time teacher and students on the CPU")
     latency_batch_sizes: list[PositiveInt] = Field([1], min_length=1, description="batch sizes timed on the CPU")
-    latency_repeats: PositiveInt = 10
+    latency_repeats: PositiveInt = Field(10, description="timed repeats per batch size (the median is reported)")
     site_error_batches: PositiveInt = Field(2, description="held-out batches for per-site and per-layer similarity")
     figures: bool = Field(True, description="write PNG figures (loss curves, similarity per site and layer, ...)")
 
 
 class ExportSpec(Strict):
-    enabled: bool = True
+    enabled: bool = Field(True, description="write runs/<name>/model (safetensors + manifest)")
 
 
 class Recipe(Strict):
@@ -272,7 +279,7 @@ def reference_markdown() -> str:
         model = _first_model(field.annotation)
         if model is not None:
             sections.append((name, model))
-    sections += [(f"data source `kind: {m.model_fields['kind'].default or tag}`", m) for tag, m in (
+    sections += [(f"data source `kind: {tag}`", m) for tag, m in (
         ("text", TextData), ("image-folder", ImageFolderData), ("idx", IdxData), ("digits", DigitsData))]
     out = ["# Recipe reference", "", "Generated from the pydantic models by `replacer recipe-reference`.", ""]
     for title, model in sections:
@@ -280,17 +287,27 @@ def reference_markdown() -> str:
         for name, field in model.model_fields.items():
             value = None if field.is_required() else field.get_default(call_default_factory=True)
             default = "required" if field.is_required() else "see its section" if isinstance(value, BaseModel) else repr(value)
-            kind = _type_name(field.annotation)
+            kind = " ".join([_type_name(field.annotation), *_bounds(field.metadata)])
             cells = [f"`{name}`", f"`{kind}`", f"`{default}`", field.description or ""]
             out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         out.append("")
     return "\n".join(out)
 
 
+def _bounds(metadata: Any) -> list[str]:
+    """Lower bounds of a field (`> 0`, `>= 1`) from its pydantic constraints."""
+    return [f"{sign} {getattr(m, attr)}" for m in metadata for attr, sign in (("gt", ">"), ("ge", ">=")) if hasattr(m, attr)]
+
+
 def _type_name(annotation: Any) -> str:
-    if isinstance(annotation, type):
-        return annotation.__name__
-    text = str(annotation)
-    for prefix in ("typing.", "pathlib.", "replacer.recipe.", "Annotated[", "typing_extensions."):
-        text = text.replace(prefix, "")
-    return text.split(", FieldInfo")[0]
+    """A readable type: `int > 0 | None`, `'mse' | 'cosine'`, `list[int | str]`."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return " ".join([_type_name(args[0]), *_bounds(args[1:])])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (Union, UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))

@@ -15,7 +15,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "-"
-        return f"{value:,.4f}" if abs(value) < 100 else f"{value:,.1f}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"  # four significant digits
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)

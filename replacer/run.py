@@ -26,6 +26,7 @@ import replacer
 from replacer.batches import BatchPlan
 from replacer.distill.blockwise import distill_blockwise
 from replacer.distill.end_to_end import tune_end_to_end
+from replacer.distributed import SINGLE, World
 from replacer.evaluate import evaluate, write_figures
 from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
 from replacer.recipe import Recipe, RecipeError
@@ -54,13 +55,15 @@ class RunProgress:
 
 
 class RunDir:
-    """The run's directory and its bookkeeping files."""
+    """The run's directory and its bookkeeping files; under torchrun only rank 0 writes state.json."""
 
-    def __init__(self, recipe: Recipe, restart: bool) -> None:
-        self.path = recipe.directory
-        if restart and self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, recipe: Recipe, restart: bool, world: World = SINGLE) -> None:
+        self.path, self.world = recipe.directory, world
+        if world.is_main:
+            if restart and self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir(parents=True, exist_ok=True)
+        world.barrier()
         self.state_file = self.path / "state.json"
         self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
         fingerprint = recipe.fingerprint()
@@ -71,8 +74,10 @@ class RunDir:
             )
         self.state.setdefault("fingerprint", fingerprint)
         self.state.setdefault("stages", {})
-        (self.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        self._save()
+        if world.is_main:
+            (self.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+            self._save()
+        world.barrier()
 
     def _save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
@@ -84,9 +89,11 @@ class RunDir:
 
     def finish(self, stage: str, seconds: float, **info: Any) -> None:
         self.state["stages"][stage] = {"seconds": round(seconds, 1), **info}
-        self._save()
+        if self.world.is_main:
+            self._save()
 
     def log(self, record: dict) -> None:
+        """Append one record; ranks append whole lines, so records from several ranks interleave safely."""
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
@@ -98,11 +105,20 @@ def _student(recipe: Recipe, teacher: nn.Module) -> nn.Module:
     return replacer.replace(teacher, recipe.mixer.plugin, sites=sites, options=recipe.mixer.options).eval()
 
 
-def run_recipe(recipe: Recipe, restart: bool = False, console: Console | None = None) -> dict[str, Any]:
-    """Run (or resume) every stage of `recipe`; returns the report dict."""
+def run_recipe(
+    recipe: Recipe, restart: bool = False, console: Console | None = None, world: World = SINGLE
+) -> dict[str, Any] | None:
+    """Run (or resume) every stage of `recipe`; returns the report dict (None on ranks other than 0).
+
+    Under torchrun (`world`), ranks share the block-wise sites and the tuning batches; rank 0 alone
+    trains the teacher, evaluates and exports, while the others wait or, after tuning, stop.
+    """
     console = console or Console()
+    if not world.is_main:
+        console = Console(quiet=True)
+    torch.manual_seed(recipe.seed)  # a randomly initialised teacher is the same in every run and on every rank
     teacher = preflight(recipe)
-    run = RunDir(recipe, restart)
+    run = RunDir(recipe, restart, world)
     task = resolve_task(recipe.model.task, teacher, load_tokenizer(recipe), is_text(recipe), _max_length(recipe))
     train = load_examples(recipe.data.train, recipe.seed)
     held_out = load_examples(recipe.data.eval, recipe.seed + 1)
@@ -113,27 +129,36 @@ def run_recipe(recipe: Recipe, restart: bool = False, console: Console | None = 
         if recipe.teacher.train:
             start = time.time()
             with progress.task("teacher: train from scratch", recipe.teacher.steps) as advance:
+                if not world.is_main:
+                    world.barrier()  # rank 0 trains (or finds) the teacher; the others then read its cache
                 teacher, trained = obtain_teacher(recipe, teacher, task, plan, advance, run.log)
+                if world.is_main:
+                    world.barrier()
             if not run.done("teacher"):
                 run.finish("teacher", time.time() - start, trained_now=trained)
         student = _student(recipe, teacher)
         if recipe.distill.enabled and not run.done("distill"):
             start = time.time()
             losses = distill_blockwise(
-                student, teacher, task, plan, recipe.distill, run.path / "distill", recipe.seed, progress, run.log
+                student, teacher, task, plan, recipe.distill, run.path / "distill", recipe.seed, progress, run.log, world
             )
-            replacer.save(student, stage_dir / "distilled")
+            if world.is_main:
+                replacer.save(student, stage_dir / "distilled")
             run.finish("distill", time.time() - start, final_loss=losses)
+            world.barrier()
         if recipe.tune.enabled and not run.done("tune"):
             student = _resume_from(student, teacher, stage_dir / "distilled")
             start = time.time()
             state = run.path / "tune" / "state"
             state.parent.mkdir(exist_ok=True)
             with progress.task("tune: end-to-end", recipe.tune.steps) as advance:
-                loss = tune_end_to_end(student, teacher, task, plan, recipe.tune, state, advance, run.log)
-            replacer.save(student, stage_dir / "tuned")
-            clear_state(state)
+                loss = tune_end_to_end(student, teacher, task, plan, recipe.tune, state, advance, run.log, world)
+            if world.is_main:
+                replacer.save(student, stage_dir / "tuned")
+                clear_state(state)
             run.finish("tune", time.time() - start, final_loss=loss)
+        if not world.is_main:
+            return None
         student = _resume_from(student, teacher, stage_dir / "tuned", stage_dir / "distilled")
         if not run.done("evaluate"):
             start = time.time()

@@ -25,6 +25,7 @@ from replacer.graph.adapter import ReplacedAttention
 from replacer.recipe import DistillSpec
 from replacer.tasks import Task
 from replacer.distill.loop import train_loop
+from replacer.distributed import SINGLE, World
 from replacer.training_state import clear_state
 
 if TYPE_CHECKING:
@@ -40,12 +41,15 @@ def site_wrappers(student: nn.Module) -> dict[str, ReplacedAttention]:
 
 def capture(
     teacher: nn.Module, task: Task, plan: BatchPlan, wrappers: dict[str, ReplacedAttention], spec: DistillSpec,
-    cache_dir: Path, advance: Callable[[], None],
+    cache_dir: Path, advance: Callable[[], None], marker: str = "complete",
 ) -> dict[str, Store]:
-    """Run the teacher on calibration batches and keep each site's pairs (bounded in memory)."""
+    """Run the teacher on calibration batches and keep each site's pairs (bounded in memory).
+
+    A disk capture is reused when `cache_dir / marker` says it finished (each rank has its own marker).
+    """
     if spec.cache == "disk":
         stores: dict[str, Store] = {n: DiskStore(cache_dir / n) for n in wrappers}
-        if (cache_dir / "complete").is_file():
+        if (cache_dir / marker).is_file():
             return stores
         for store in stores.values():  # a capture cut short is redone from the start
             for f in store.folder.glob("*"):
@@ -66,7 +70,7 @@ def capture(
         if used > budget:
             break
     if spec.cache == "disk":
-        (cache_dir / "complete").write_text(str(spec.calibration_batches))
+        (cache_dir / marker).write_text(str(spec.calibration_batches))
     return stores
 
 
@@ -119,24 +123,32 @@ def _train_in_worker(wrapper: ReplacedAttention, cache: Path, spec: DistillSpec,
 
 def distill_blockwise(
     student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSpec, folder: Path,
-    seed: int, progress: RunProgress, log: Log,
+    seed: int, progress: RunProgress, log: Log, world: World = SINGLE,
 ) -> dict[str, float]:
-    """Distill every replaced site of `student`; returns the final loss per site."""
+    """Distill every replaced site of `student`; returns the final loss per site (NaN: finished earlier).
+
+    Under torchrun each rank trains its share of the sites; all ranks then load every site's result.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     wrappers = site_wrappers(student)
-    results: dict[str, float] = {}
-    todo = {}
+    todo = {n: wrappers[n] for n in world.mine(list(wrappers)) if not _mixer_file(folder, n).is_file()}
+    trained = _train_sites(todo, teacher, task, plan, spec, folder, seed, progress, log, world) if todo else {}
+    world.barrier()
     for name, wrapper in wrappers.items():
-        done = _mixer_file(folder, name)
-        if done.is_file():
-            wrapper.mixer.load_state_dict(load_file(str(done)))
-            results[name] = float("nan")
-        else:
-            todo[name] = wrapper
-    if not todo:
-        return results
+        if name not in trained:  # finished earlier, or on another rank
+            wrapper.mixer.load_state_dict(load_file(str(_mixer_file(folder, name))))
+    losses = world.merge(trained)
+    return {name: losses.get(name, float("nan")) for name in wrappers}
+
+
+def _train_sites(
+    todo: dict[str, ReplacedAttention], teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSpec,
+    folder: Path, seed: int, progress: RunProgress, log: Log, world: World,
+) -> dict[str, float]:
+    results: dict[str, float] = {}
+    marker = "complete" if not world.distributed else f"complete-rank{world.rank}-of-{world.size}"
     with progress.task("distill: capture teacher pairs", spec.calibration_batches) as advance:
-        stores = capture(teacher, task, plan, todo, spec, folder / "cache", advance)
+        stores = capture(teacher, task, plan, todo, spec, folder / "cache", advance, marker)
     if spec.workers > 1:
         threads = max(1, (os.cpu_count() or 1) // spec.workers)
         with progress.task(f"distill: {len(todo)} sites on {spec.workers} workers", len(todo)) as advance:

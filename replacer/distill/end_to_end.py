@@ -8,9 +8,11 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from replacer.batches import BatchPlan
 from replacer.distill.loop import train_loop
+from replacer.distributed import SINGLE, World
 from replacer.errors import ReplacerError
 from replacer.recipe import TuneSpec
 from replacer.tasks import Task
@@ -30,12 +32,16 @@ def trainable_parameters(student: nn.Module, which: str | list[str]) -> dict[str
 
 def tune_end_to_end(
     student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: TuneSpec, state_path: Path,
-    advance: Callable[[], None], log: Callable[[dict], None],
+    advance: Callable[[], None], log: Callable[[dict], None], world: World = SINGLE,
 ) -> float:
     """Train the chosen parameters, resuming from `state_path` (the caller clears it once the result is saved).
 
-    Returns the mean loss of the last 10% of steps.
+    Returns the mean loss of the last 10% of steps. Under torchrun the student runs under
+    DistributedDataParallel and each rank takes its share of every batch, so the ranks together
+    see exactly the batches one process would.
     """
+    if plan.batch_size < world.size:
+        raise ReplacerError(f"data.batch_size {plan.batch_size} is smaller than the {world.size} processes: raise it")
     params = trainable_parameters(student, spec.train)
     saved_flags = {n: p.requires_grad for n, p in student.named_parameters()}
     for name, p in student.named_parameters():
@@ -46,12 +52,13 @@ def tune_end_to_end(
     optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=spec.lr)
     teacher.eval()
     student.eval()  # dropout off: the student should reproduce the teacher's deterministic function
+    model = DistributedDataParallel(student, find_unused_parameters=True) if world.distributed else student
 
     def loss_at(step: int) -> torch.Tensor:
-        batch = plan.batch(step)
+        batch = plan.batch(step, (world.rank, world.size))
         with torch.no_grad():
             target = task.run(teacher, batch)
-        out = task.run(student, batch)
+        out = task.run(model, batch)
         loss = spec.kd_weight * task.distill_loss(out, target, batch, spec.temperature)
         supervised = task.task_loss(out, batch) if spec.task_weight > 0 else None
         return loss if supervised is None else loss + spec.task_weight * supervised
@@ -59,7 +66,7 @@ def tune_end_to_end(
     try:
         return train_loop(
             params, optimizer, loss_at, spec.steps, spec.lr, spec.checkpoint_every, state_path,
-            {"stage": "tune"}, advance, log,
+            {"stage": "tune"}, advance, log, world,
         )
     finally:
         for name, p in student.named_parameters():

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from replacer.distributed import SINGLE, World
 from replacer.training_state import load_state, save_state
 
 
@@ -24,13 +25,16 @@ def lr_at(step: int, total: int, base: float) -> float:
 def train_loop(
     params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, loss_at: Callable[[int], torch.Tensor],
     steps: int, lr: float, checkpoint_every: int, state_path: Path, record: dict,
-    advance: Callable[[], None], log: Callable[[dict], None],
+    advance: Callable[[], None], log: Callable[[dict], None], world: World = SINGLE,
 ) -> float:
     """Run steps [resumed step, steps); returns the mean loss of the last 10% of steps.
 
     A param group's optional "scale" multiplies the scheduled rate. State is saved every
-    `checkpoint_every` steps and at Ctrl-C, and restored from `state_path` when present.
+    `checkpoint_every` steps and at Ctrl-C, and restored from `state_path` when present. Under
+    data parallelism (`world`), every rank holds the same state: rank 0 saves it and logs the loss
+    averaged over ranks.
     """
+    save = save_state if world.is_main else lambda *_: None
     meta = load_state(state_path, params, optimizer) or {"step": 0, "losses": []}
     losses: list[float] = meta["losses"]
     try:
@@ -42,13 +46,14 @@ def train_loop(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
             optimizer.step()
-            losses.append(loss.item())
-            log({**record, "step": step + 1, "loss": losses[-1]})
+            losses.append(world.mean(loss))
+            if world.is_main:
+                log({**record, "step": step + 1, "loss": losses[-1]})
             advance()
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                save_state(state_path, params, optimizer, {"step": step + 1, "losses": losses})
+                save(state_path, params, optimizer, {"step": step + 1, "losses": losses})
     except KeyboardInterrupt:  # keep every finished step; the loss list says how many
-        save_state(state_path, params, optimizer, {"step": len(losses), "losses": losses})
+        save(state_path, params, optimizer, {"step": len(losses), "losses": losses})
         raise
     tail = losses[-max(1, len(losses) // 10) :]
     return sum(tail) / len(tail) if tail else float("nan")
