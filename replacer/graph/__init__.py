@@ -1,0 +1,1 @@
+"""Walking models: sites, adapters and the scan that finds them."""
