@@ -94,8 +94,7 @@ def site_similarity(
     """Per replaced site: CKA, mean per-token cosine and relative squared error of the student's mixer
     against the teacher's site output, both on the teacher's own site inputs (so errors do not compound).
 
-    Cosine and relative error use every real token; CKA uses the bounded sample. The relative error is
-    the one `replacer.evaluate.site_errors` reports.
+    Cosine and relative error use every real token; CKA uses the bounded sample.
     """
     wrappers = site_wrappers(student)
     teacher.eval()

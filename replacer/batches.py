@@ -11,6 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from replacer.distributed import SINGLE, World
 from replacer.tasks import Batch
 
 POOL_BATCHES = 50
@@ -50,7 +51,6 @@ class BatchPlan:
         epoch, i = divmod(k, len(self))
         return self._batches(epoch)[i].tolist()
 
-    def batch(self, k: int, share: tuple[int, int] = (0, 1)) -> Batch:
-        """Batch k, or share (rank, ranks) of it: every ranks-th example from the rank-th on."""
-        rank, ranks = share
-        return self.collate([self.examples[i] for i in self.indices(k)[rank::ranks]])
+    def batch(self, k: int, world: World = SINGLE) -> Batch:
+        """Batch k, or this rank's share of it under torchrun (`World.mine`)."""
+        return self.collate([self.examples[i] for i in world.mine(self.indices(k))])

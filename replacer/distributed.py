@@ -63,6 +63,15 @@ class World:
         dist.all_gather_object(parts, part)
         return {k: v for p in parts for k, v in (p or {}).items()}
 
+    @contextlib.contextmanager
+    def main_first(self) -> Iterator[None]:
+        """Rank 0 runs the block first (e.g. trains and caches something); the others then run it."""
+        if not self.is_main:
+            self.barrier()
+        yield
+        if self.is_main:
+            self.barrier()
+
 
 SINGLE = World()
 
@@ -71,7 +80,7 @@ SINGLE = World()
 def world_from_environment() -> Iterator[World]:
     """The process group torchrun describes (RANK, WORLD_SIZE, ...), or one process when it describes none.
 
-    Recipe runs train on the CPU, so the backend is gloo; the group is torn down on exit.
+    Recipe runs train on the CPU, so the backend is gloo; a group created here is torn down on exit.
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size == 1:
@@ -79,9 +88,11 @@ def world_from_environment() -> Iterator[World]:
         return
     if "MASTER_ADDR" not in os.environ:
         raise ReplacerError("WORLD_SIZE is set but MASTER_ADDR is not: launch several processes with torchrun")
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("gloo", timeout=WAIT)
     try:
         yield World(dist.get_rank(), dist.get_world_size())
     finally:
-        dist.destroy_process_group()
+        if created:  # a group the caller set up is the caller's to tear down
+            dist.destroy_process_group()

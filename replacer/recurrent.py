@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import math
+from typing import Any, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +23,8 @@ from torch import nn
 from replacer.errors import OptionsError
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import MixerState, ScanMixer
+
+R = TypeVar("R", bound="MultiHeadRecurrence")
 
 GATE_BOUND = 15.0
 """Bound on the input part of gate pre-activations; see `MultiHeadRecurrence.scan`."""
@@ -81,6 +84,18 @@ class MultiHeadRecurrence(ScanMixer):
         nn.init.uniform_(self.weight_ih, -bound, bound)
         nn.init.uniform_(self.weight_hh, -bound, bound)
         nn.init.xavier_uniform_(self.merge_weight.view(-1, hd))
+
+    @classmethod
+    def from_options(
+        cls: type[R], plugin: str, site: Site, options: RecurrentOptions, value: LinearWeights | None, **cell_args: Any
+    ) -> R:
+        """What every recurrent plugin's factory does: directions from the site and options, hidden size
+        from the options (default: the head width), input projection started from the teacher's values."""
+        bidirectional = resolve_bidirectional(plugin, site, options.bidirectional)
+        mixer = cls(site, options.hidden_per_head or site.head_dim, bidirectional, **cell_args)
+        if options.init_from_value and value is not None:
+            value.copy_to(mixer.in_proj)
+        return mixer
 
     @abc.abstractmethod
     def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weight_hh: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -128,12 +128,9 @@ def run_recipe(
     with progress.progress:
         if recipe.teacher.train:
             start = time.time()
-            with progress.task("teacher: train from scratch", recipe.teacher.steps) as advance:
-                if not world.is_main:
-                    world.barrier()  # rank 0 trains (or finds) the teacher; the others then read its cache
+            # rank 0 trains (or finds) the teacher; the others then read its cache
+            with progress.task("teacher: train from scratch", recipe.teacher.steps) as advance, world.main_first():
                 teacher, trained = obtain_teacher(recipe, teacher, task, plan, advance, run.log)
-                if world.is_main:
-                    world.barrier()
             if not run.done("teacher"):
                 run.finish("teacher", time.time() - start, trained_now=trained)
         student = _student(recipe, teacher)

@@ -102,7 +102,7 @@ def test_ddp_tuning_matches_a_single_process(runs):
 
 def test_every_rank_gets_a_share_and_shares_cover_the_batch():
     plan = BatchPlan(list(range(10)), 5, collate=list, seed=3)
-    shares = [plan.batch(4, (rank, 2)) for rank in range(2)]
+    shares = [plan.batch(4, World(rank, 2)) for rank in range(2)]
     assert sorted(shares[0] + shares[1]) == sorted(plan.batch(4))
     assert len(shares[0]) == 3 and len(shares[1]) == 2
     world = World(1, 3)

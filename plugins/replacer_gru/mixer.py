@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from replacer.graph.site import LinearWeights, Site
-from replacer.recurrent import MultiHeadRecurrence, RecurrentOptions, resolve_bidirectional
+from replacer.recurrent import MultiHeadRecurrence, RecurrentOptions
 
 
 class GRUOptions(RecurrentOptions):
@@ -14,11 +14,7 @@ class GRUOptions(RecurrentOptions):
 
 
 def build(site: Site, options: GRUOptions, value: LinearWeights | None) -> "MultiHeadGRU":
-    bidirectional = resolve_bidirectional("gru", site, options.bidirectional)
-    mixer = MultiHeadGRU(site, options.hidden_per_head or site.head_dim, bidirectional)
-    if options.init_from_value and value is not None:
-        value.copy_to(mixer.in_proj)
-    return mixer
+    return MultiHeadGRU.from_options("gru", site, options, value)
 
 
 class MultiHeadGRU(MultiHeadRecurrence):

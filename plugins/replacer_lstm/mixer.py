@@ -6,7 +6,7 @@ import torch
 from pydantic import Field
 
 from replacer.graph.site import LinearWeights, Site
-from replacer.recurrent import MultiHeadRecurrence, RecurrentOptions, resolve_bidirectional
+from replacer.recurrent import MultiHeadRecurrence, RecurrentOptions
 
 
 class LSTMOptions(RecurrentOptions):
@@ -16,11 +16,7 @@ class LSTMOptions(RecurrentOptions):
 
 
 def build(site: Site, options: LSTMOptions, value: LinearWeights | None) -> "MultiHeadLSTM":
-    bidirectional = resolve_bidirectional("lstm", site, options.bidirectional)
-    mixer = MultiHeadLSTM(site, options.hidden_per_head or site.head_dim, bidirectional, options.forget_bias)
-    if options.init_from_value and value is not None:
-        value.copy_to(mixer.in_proj)
-    return mixer
+    return MultiHeadLSTM.from_options("lstm", site, options, value, forget_bias=options.forget_bias)
 
 
 class MultiHeadLSTM(MultiHeadRecurrence):

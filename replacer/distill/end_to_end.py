@@ -55,7 +55,7 @@ def tune_end_to_end(
     model = DistributedDataParallel(student, find_unused_parameters=True) if world.distributed else student
 
     def loss_at(step: int) -> torch.Tensor:
-        batch = plan.batch(step, (world.rank, world.size))
+        batch = plan.batch(step, world)
         with torch.no_grad():
             target = task.run(teacher, batch)
         out = task.run(model, batch)
