@@ -378,6 +378,28 @@ def plot_accuracy_vs_params(
     return _save(fig, path)
 
 
+def plot_budgets(rows: Sequence[Mapping[str, float]], path: str | Path, metric_name: str) -> Path:
+    """Pruning budgets side by side: quality and CPU latency against the mixers' parameter count."""
+    from matplotlib.ticker import EngFormatter
+
+    fig = _figure(10, 4)
+    params = [float(r["mixer_params"]) for r in rows]
+    panels = [("value", metric_name), ("latency_ms", "CPU ms (batch 1)" if rows and "latency_ms" in rows[0] else "")]
+    for i, (key, label) in enumerate(p for p in panels if p[1]):
+        ax = fig.add_subplot(1, 2, i + 1)
+        ax.plot(params, [float(r[key]) for r in rows], marker="o", color="tab:blue")
+        for r, x in zip(rows, params):
+            ax.annotate(str(r["label"]), (x, float(r[key])), textcoords="offset points", xytext=(5, 5), fontsize="small")
+        ax.xaxis.set_major_formatter(EngFormatter())
+        ax.yaxis.get_major_formatter().set_useOffset(False)
+        ax.margins(x=0.15, y=0.15)
+        ax.set_xlabel("mixer parameters")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Pruning budgets")
+    return _save(fig, path)
+
+
 def _colours(n: int, cmap: str) -> list:
     from matplotlib import colormaps
 

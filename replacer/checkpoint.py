@@ -1,8 +1,9 @@
 """Save and load replaced models as safetensors plus a JSON manifest; nothing is ever unpickled.
 
 The manifest names the base model's origin (enough to rebuild its architecture from its original
-definition) and every replacement (plugin, version, options, sites). Loading rebuilds the base,
-replays the replacements, then loads the weights strictly, so any mismatch is an error.
+definition), every replacement (plugin, version, options, sites) and, for pruned models, the shapes
+of the pruned tensors. Loading rebuilds the base, replays the replacements, gives pruned tensors
+their shapes, then loads the weights strictly, so any mismatch is an error.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def load(path: str | os.PathLike, base: nn.Module | None = None) -> nn.Module:
                 stacklevel=2,
             )
         model = replace(model, step["plugin"], sites=[s["name"] for s in step["sites"]], options=step["options"], inplace=True)
+    if manifest.get("shapes"):  # a pruned model: give its tensors their saved shapes before loading them
+        from replacer.pruning import apply_shapes
+
+        apply_shapes(model, manifest["shapes"])
+        model.replacer_record["shapes"] = manifest["shapes"]
     try:
         missing, unexpected = load_safetensors(model, str(weights), strict=False)
     except (SafetensorError, OSError, RuntimeError) as exc:

@@ -12,6 +12,7 @@ from torch import nn
 
 from replacer import analysis
 from replacer.models import count_parameters
+from replacer.pruning import mixer_parameters
 from replacer.tasks import Batch, Task
 
 
@@ -44,6 +45,7 @@ def evaluate(
     teacher_out = outputs(task, teacher, batches)
     result: dict[str, Any] = {
         "params": {"teacher": count_parameters(teacher), **{k: count_parameters(m) for k, m in models.items()}},
+        "mixer_params": {k: mixer_parameters(m) for k, m in models.items()},
         "fidelity": {k: task.compare(teacher_out, outputs(task, m, batches), batches) for k, m in models.items()},
     }
     probe = batches[:site_error_batches]
@@ -85,4 +87,22 @@ def write_figures(
     points = [{"label": "teacher", "params": metrics["params"]["teacher"], "value": teacher_value}]
     points += [{"label": k, "params": metrics["params"][k], "value": task.quality(f)[2]} for k, f in metrics["fidelity"].items()]
     written.append(analysis.plot_accuracy_vs_params([p for p in points if p["value"] == p["value"]], folder / "quality_vs_params.png", name))
+    budgets = budget_rows(metrics, task)
+    if len(budgets) > 1:
+        written.append(analysis.plot_budgets(budgets, folder / "pruning_budgets.png", name))
     return written
+
+
+def budget_rows(metrics: dict[str, Any], task: Task) -> list[dict[str, Any]]:
+    """The tuned student and its pruned students: mixer params, quality and batch-1 CPU latency of each."""
+    names = [k for k in metrics["fidelity"] if k == "distilled" or k.startswith("pruned-")]
+    if not any(k.startswith("pruned-") for k in names):
+        return []
+    latency = next(iter(metrics.get("latency_ms", {}).values()), None)
+    rows = []
+    for name in names:
+        row = {"label": name, "mixer_params": metrics["mixer_params"][name], "value": task.quality(metrics["fidelity"][name])[2]}
+        if latency:
+            row["latency_ms"] = latency[name]
+        rows.append(row)
+    return rows

@@ -17,6 +17,22 @@ MixerState = tuple[torch.Tensor, ...]
 """A causal mixer's carried state: a tuple of tensors, each with the batch on dimension 0."""
 
 
+@dataclass(frozen=True)
+class PruneGroup:
+    """The smallest structure a mixer can lose: parameter slices that only make sense together.
+
+    `slices` are `(parameter name, dim, indices)` triples into the mixer's current tensors (for an
+    LSTM unit: its gate columns of the input and recurrent weights, its row of the recurrent weights
+    and its row of the merge map). Removing a group deletes exactly those rows and columns. Groups of
+    one `family` (for example the units of one head and direction) are never all removed, so every
+    structure keeps at least one member.
+    """
+
+    name: str
+    family: str
+    slices: tuple[tuple[str, int, tuple[int, ...]], ...]
+
+
 class Mixer(nn.Module, abc.ABC):
     """Replaces the attention core of one site: `(B, N, site.d_model) -> (B, N, site.out_dim)`.
 
@@ -45,6 +61,14 @@ class Mixer(nn.Module, abc.ABC):
         lets `generate()` decode one token at a time at constant cost.
         """
         raise TypeError(f"{type(self).__name__} is not causal and has no state to carry")
+
+    def prunable_groups(self) -> list[PruneGroup]:
+        """Structures `replacer.pruning` may physically remove; none by default.
+
+        A mixer that declares groups must read every size it depends on from its tensors' current
+        shapes at call time, so it keeps working after rows and columns are cut out of them.
+        """
+        return []
 
 
 class ScanMixer(Mixer):

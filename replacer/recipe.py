@@ -133,6 +133,25 @@ class TuneSpec(Strict):
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
 
 
+class PruneSpec(Strict):
+    enabled: bool = Field(False, description="run the stage: a family of smaller students, one per budget")
+    budgets: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
+        [0.75, 0.5], min_length=1,
+        description="fractions of the tuned mixers' parameters to keep; each budget starts from the next larger one",
+    )
+    importance: Literal["magnitude", "taylor", "hoyer"] = Field(
+        "magnitude",
+        description="how groups are ranked (globally, across sites): weight norm, first-order Taylor on "
+        "distillation batches, or weight norm after training with FAR's Hoyer-square group penalty",
+    )
+    taylor_batches: PositiveInt = Field(8, description="batches whose gradients the taylor importance sums")
+    hoyer_weight: float = Field(1e-3, gt=0, description="weight of the Hoyer-square penalty (importance hoyer)")
+    hoyer_steps: int = Field(100, ge=1, description="end-to-end steps with the penalty before ranking (importance hoyer)")
+    recovery_steps: int = Field(100, ge=0, description="end-to-end distillation steps after each cut")
+    lr: float = Field(1e-3, gt=0, description="learning rate of the penalty and recovery steps")
+    checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
+
+
 class EvalSpec(Strict):
     baseline: bool = Field(True, description="also evaluate the same mixers without distillation")
     latency: bool = Field(True, description="time teacher and students on the CPU")
@@ -157,6 +176,7 @@ class Recipe(Strict):
     mixer: MixerChoice = Field(default_factory=MixerChoice, description="the mixer plugin and its options")
     distill: DistillSpec = Field(default_factory=DistillSpec, description="block-wise distillation")
     tune: TuneSpec = Field(default_factory=TuneSpec, description="end-to-end tuning")
+    prune: PruneSpec = Field(default_factory=PruneSpec, description="global structural pruning to several budgets")
     evaluate: EvalSpec = Field(default_factory=EvalSpec, description="held-out evaluation")
     export: ExportSpec = Field(default_factory=ExportSpec, description="the final model as safetensors + manifest")
 
@@ -174,9 +194,20 @@ class Recipe(Strict):
         return self.run_dir or Path("runs") / self.name
 
     def fingerprint(self) -> str:
-        """What makes two runs the same run (the run dir itself excluded)."""
-        data = self.model_dump(mode="json", exclude={"run_dir"})
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        """What makes two runs the same run: everything up to tuning (the run dir and `LATER` excluded)."""
+        return _digest(self.model_dump(mode="json", exclude={"run_dir", *LATER}))
+
+    def section_fingerprints(self) -> dict[str, str]:
+        """The sections of stages that may change on a finished run: each reruns its stage and the ones after."""
+        return {section: _digest(getattr(self, section).model_dump(mode="json")) for section in LATER}
+
+
+LATER = ("prune", "evaluate", "export")
+"""Recipe sections (and stages, in order) that a finished run redoes when they change, instead of refusing."""
+
+
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def apply_override(raw: dict, assignment: str) -> None:

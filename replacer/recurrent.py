@@ -8,6 +8,10 @@ Heads and directions share one time loop: per step a single batched matmul over 
 directions groups, several times faster than separate `nn.LSTM`/`nn.GRU` modules (which also have
 no block-diagonal form and cannot skip padding in the middle or on the left of a sequence).
 A subclass supplies only its cell: how many gate blocks it has and one step of its update.
+
+Every group's weights are tensors of their own, so pruning (`replacer.pruning`) can give heads and
+directions different widths; a call pads them with zeros to the widest group, and a zero-padded
+unit stays exactly zero in both cells, so padding changes no output.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import math
 from typing import Any, TypeVar
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from replacer.errors import OptionsError
 from replacer.graph.site import LinearWeights, Site
-from replacer.mixer import MixerState, ScanMixer
+from replacer.mixer import MixerState, PruneGroup, ScanMixer
 
 R = TypeVar("R", bound="MultiHeadRecurrence")
 
@@ -59,31 +64,40 @@ def resolve_bidirectional(plugin: str, site: Site, requested: bool | None) -> bo
 
 
 class MultiHeadRecurrence(ScanMixer):
-    """Input projection -> G = heads x directions recurrent cells in one loop -> per-head merge.
+    """Input projection -> G = directions x heads recurrent cells in one loop -> per-head merge.
 
     `gate_blocks` is the number of hidden-sized blocks in a cell's gate pre-activations (4 for an
     LSTM, 3 for a GRU). `state_size` is how many `(G, B, hidden)` tensors the cell carries; the
-    first one is the cell's output.
+    first one is the cell's output. `gate_vectors` names the per-group vectors laid out like the gate
+    columns (biases). Group g is direction g // heads, head g % heads.
     """
 
     gate_blocks: int = 1
     state_size: int = 1
+    gate_vectors: tuple[str, ...] = ("bias",)
 
     def __init__(self, site: Site, hidden: int, bidirectional: bool) -> None:
         super().__init__(site)
-        self.heads, self.head_dim, self.hidden = site.num_heads, site.head_dim, hidden
+        self.heads, self.head_dim = site.num_heads, site.head_dim
         self.directions = 2 if bidirectional else 1
-        d, h, hd, k = self.directions, hidden, self.head_dim, self.gate_blocks
+        groups, h, hd, k = self.directions * self.heads, hidden, self.head_dim, self.gate_blocks
+
+        def per_group(*shape: int) -> nn.ParameterList:
+            return nn.ParameterList(nn.Parameter(torch.zeros(*shape)) for _ in range(groups))
+
         self.in_proj = nn.Linear(site.d_model, self.heads * hd)
-        self.weight_ih = nn.Parameter(torch.empty(d, self.heads, hd, k * h))
-        self.weight_hh = nn.Parameter(torch.empty(d, self.heads, h, k * h))
-        self.bias = nn.Parameter(torch.zeros(d, self.heads, k * h))
-        self.merge_weight = nn.Parameter(torch.empty(self.heads, d * h, hd))
+        self.weight_ih = per_group(hd, k * h)
+        self.weight_hh = per_group(h, k * h)
+        for name in self.gate_vectors:
+            setattr(self, name, per_group(k * h))
+        self.merge_weight = per_group(h, hd)
         self.merge_bias = nn.Parameter(torch.zeros(self.heads, hd))
         bound = 1.0 / math.sqrt(hidden)
-        nn.init.uniform_(self.weight_ih, -bound, bound)
-        nn.init.uniform_(self.weight_hh, -bound, bound)
-        nn.init.xavier_uniform_(self.merge_weight.view(-1, hd))
+        merge_bound = math.sqrt(6.0 / (hd + groups * h))  # Xavier over all groups' merge rows together
+        for g in range(groups):
+            nn.init.uniform_(self.weight_ih[g], -bound, bound)
+            nn.init.uniform_(self.weight_hh[g], -bound, bound)
+            nn.init.uniform_(self.merge_weight[g], -merge_bound, merge_bound)
 
     @classmethod
     def from_options(
@@ -98,11 +112,96 @@ class MultiHeadRecurrence(ScanMixer):
         return mixer
 
     @abc.abstractmethod
-    def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weight_hh: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """One step for all groups: input gate part `(G, B, k*h)`, state `(G, B, h)` each -> new state."""
+    def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """One step for all groups: input gate part `(G, B, k*h)`, state `(G, B, h)` each -> new state.
+
+        `weights` holds the groups' tensors padded to the widest group: `weight_hh` `(G, h, k*h)` and
+        each of `gate_vectors` `(G, k*h)`.
+        """
+
+    @property
+    def widths(self) -> list[int]:
+        """Hidden units of each group (direction-major)."""
+        return [w.shape[0] for w in self.weight_hh]
+
+    @property
+    def hidden(self) -> int:
+        """Hidden units of the widest group (all groups, until pruned)."""
+        return max(self.widths)
+
+    @property
+    def input_widths(self) -> list[int]:
+        """Input channels of each head (the head width, until pruned)."""
+        return [self.weight_ih[head].shape[0] for head in range(self.heads)]
 
     def extra_repr(self) -> str:
-        return f"heads={self.heads}, head_dim={self.head_dim}, hidden={self.hidden}, directions={self.directions}"
+        widths = sorted(set(self.widths))
+        hidden = widths[0] if len(widths) == 1 else f"{widths[0]}..{widths[-1]}"
+        return f"heads={self.heads}, head_dim={self.head_dim}, hidden={hidden}, directions={self.directions}"
+
+    def prunable_groups(self) -> list[PruneGroup]:
+        """Hidden units of one head and direction, and input channels of one head (both directions)."""
+        k, H = self.gate_blocks, self.heads
+        groups = []
+        for g, width in enumerate(self.widths):
+            direction, head = divmod(g, H)
+            for unit in range(width):
+                gates = tuple(b * width + unit for b in range(k))
+                slices = [
+                    (f"weight_ih.{g}", 1, gates), (f"weight_hh.{g}", 0, (unit,)), (f"weight_hh.{g}", 1, gates),
+                    (f"merge_weight.{g}", 0, (unit,)), *((f"{name}.{g}", 0, gates) for name in self.gate_vectors),
+                ]
+                groups.append(PruneGroup(f"unit {direction}.{head}.{unit}", f"units {direction}.{head}", tuple(slices)))
+        start = 0
+        for head, channels in enumerate(self.input_widths):
+            for i in range(channels):
+                row = (start + i,)
+                slices = [("in_proj.weight", 0, row), ("in_proj.bias", 0, row)]
+                slices += [(f"weight_ih.{d * H + head}", 0, (i,)) for d in range(self.directions)]
+                groups.append(PruneGroup(f"input {head}.{i}", f"inputs {head}", tuple(slices)))
+            start += channels
+        return groups
+
+    def _padded(self) -> dict[str, torch.Tensor]:
+        """Every per-group tensor stacked over groups, zero-padded to the widest group and head input.
+
+        Without autograd (inference, decoding token by token) the result is kept until a parameter
+        changes in place or is replaced, which saves re-stacking on every call.
+        """
+        if torch.is_grad_enabled():
+            return self._stack()
+        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        if getattr(self, "_padded_key", None) != key:
+            self._padded_cache, self._padded_key = self._stack(), key
+        return self._padded_cache
+
+    def _stack(self) -> dict[str, torch.Tensor]:
+        k, widths = self.gate_blocks, self.widths
+        hm, cm = max(widths), max(self.input_widths)
+
+        def pad(t: torch.Tensor, width: int, gate_dim: bool, rows: int) -> torch.Tensor:
+            if gate_dim and width < hm:  # (..., k*width) -> (..., k*hm)
+                t = F.pad(t.unflatten(-1, (k, width)), (0, hm - width)).flatten(-2)
+            return F.pad(t, (0, 0, 0, rows - t.shape[0])) if t.shape[0] < rows else t
+
+        padded = {
+            "weight_ih": torch.stack([pad(w, n, True, cm) for w, n in zip(self.weight_ih, widths)]),
+            "weight_hh": torch.stack([pad(w, n, True, hm) for w, n in zip(self.weight_hh, widths)]),
+            "merge_weight": torch.stack([pad(w, n, False, hm) for w, n in zip(self.merge_weight, widths)]),
+        }
+        for name in self.gate_vectors:
+            padded[name] = torch.stack([pad(v, n, True, 0) for v, n in zip(getattr(self, name), widths)])
+        return padded
+
+    def _head_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The input projection, laid out `(B, N, heads, widest head input)` with zeros in pruned channels."""
+        u = self.in_proj(x)
+        widths = self.input_widths
+        cm = max(widths)
+        if all(c == cm for c in widths):
+            return u.unflatten(-1, (self.heads, cm))
+        index = torch.cat([head * cm + torch.arange(c, device=u.device) for head, c in enumerate(widths)])
+        return u.new_zeros(*u.shape[:-1], self.heads * cm).index_copy(-1, index, u).unflatten(-1, (self.heads, cm))
 
     def scan(
         self, x: torch.Tensor, state: MixerState | None, padding_mask: torch.Tensor | None
@@ -112,23 +211,25 @@ class MultiHeadRecurrence(ScanMixer):
         # bounded by |h| <= 1) keeps them out; sigmoid(-15) is already 3e-7, so little is lost.
         torch.set_flush_denormal(True)
         B, N, _ = x.shape
-        d, H, h, hd, k = self.directions, self.heads, self.hidden, self.head_dim, self.gate_blocks
-        u = self.in_proj(x).view(B, N, H, hd)
+        weights = self._padded()
+        d, H, k = self.directions, self.heads, self.gate_blocks
+        h = weights["weight_hh"].shape[1]
+        u = self._head_inputs(x)
         # Input contributions to the gates for every step at once: (N, d, H, B, k*h).
-        gates_x = torch.einsum("bnhi,dhio->ndhbo", u, self.weight_ih) + self.bias[None, :, :, None, :]
+        w_ih = weights["weight_ih"].unflatten(0, (d, H))
+        gates_x = torch.einsum("bnhi,dhio->ndhbo", u, w_ih) + weights["bias"].unflatten(0, (d, H))[None, :, :, None, :]
         gates_x = gates_x.clamp(-GATE_BOUND, GATE_BOUND)
         if d == 2:  # the backward direction runs over the reversed sequence in the same loop
             gates_x = torch.cat((gates_x[:, :1], gates_x[:, 1:].flip(0)), dim=1)
         gates_x = gates_x.reshape(N, d * H, B, k * h)
         keep = None if padding_mask is None else self._group_mask(padding_mask.to(x.device, torch.bool))
-        w_hh = self.weight_hh.reshape(d * H, h, k * h)
         if state is None:
             carried = tuple(x.new_zeros(d * H, B, h) for _ in range(self.state_size))
         else:
             carried = tuple(s.transpose(0, 1) for s in state)
         outputs = []
         for t in range(N):
-            new = self.cell(gates_x[t], carried, w_hh)
+            new = self.cell(gates_x[t], carried, weights)
             if keep is not None:  # padded steps leave the state untouched, in either direction
                 new = tuple(torch.where(keep[t], n, o) for n, o in zip(new, carried))
             carried = new
@@ -136,9 +237,9 @@ class MultiHeadRecurrence(ScanMixer):
         hs = torch.stack(outputs).view(N, d, H, B, h)
         if d == 2:
             hs = torch.cat((hs[:, :1], hs[:, 1:].flip(0)), dim=1)
-        hs = hs.permute(3, 0, 2, 1, 4).reshape(B, N, H, d * h)
-        y = torch.einsum("bnhk,hko->bnho", hs, self.merge_weight) + self.merge_bias
-        y = y.reshape(B, N, H * hd)
+        merge = weights["merge_weight"].unflatten(0, (d, H))
+        y = torch.einsum("ndhbu,dhuo->bnho", hs, merge) + self.merge_bias
+        y = y.reshape(B, N, H * self.head_dim)
         if padding_mask is not None:
             y = y * padding_mask.to(y.dtype)[..., None]
         return y, tuple(s.transpose(0, 1) for s in carried)

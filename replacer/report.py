@@ -43,6 +43,31 @@ def write_report(folder: Path, recipe: Recipe, task: Task, state: dict, metrics:
     return report
 
 
+def _pruning(report: dict[str, Any]) -> list[str]:
+    """The budgets table: every pruned student beside the tuned one it was cut from."""
+    names = [m for m in report["fidelity"] if m == "distilled" or m.startswith("pruned-")]
+    if len(names) < 2 or "mixer_params" not in report:
+        return []
+    mixers, params, headline = report["mixer_params"], report["params"], report["headline_metric"]
+    latency = report.get("latency_ms", {})
+    size = next(iter(latency), None)
+    header = ["model", "mixer params", "x tuned mixers", "params", "x teacher", headline]
+    header += [f"CPU ms (batch {size})", "x teacher"] if size else []
+    rows = []
+    for name in names:
+        row = [name, mixers[name], mixers[name] / mixers["distilled"], params[name], params[name] / params["teacher"],
+               report["fidelity"][name][headline]]
+        if size:
+            row += [latency[size][name], latency[size][name] / latency[size]["teacher"]]
+        rows.append(row)
+    return [
+        "## Pruning budgets",
+        "Each budget keeps a fraction of the tuned mixers' parameters (groups ranked globally across sites, "
+        "removed physically, then recovered by distillation); each smaller budget is cut from the one above.",
+        _table(header, rows),
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     fidelity = report["fidelity"]
     models = list(fidelity)
@@ -78,6 +103,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     for size in latency:
         header += [f"CPU ms (batch {size})", "x teacher"]
     parts += ["## Size and speed", _table(header, rows)]
+    parts += _pruning(report)
     stage_rows = [[stage, info.get("seconds", float("nan"))] for stage, info in report["stages"].items()]
     parts += ["## Stages", _table(["stage", "seconds"], stage_rows)]
     if report.get("figures"):

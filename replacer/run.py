@@ -1,9 +1,10 @@
 """One recipe run: a directory that holds everything, stages that resume, and a report.
 
 Stages: teacher (only when the recipe trains one) -> distill (block-wise) -> tune (end-to-end)
--> evaluate -> export. Each finished stage is
-recorded in `state.json` with its output on disk, so running the same command again after a
-crash or Ctrl-C skips finished stages and resumes the interrupted one from its last checkpoint.
+-> prune (when enabled) -> evaluate -> export. Each finished stage is recorded in `state.json`
+with its output on disk, so running the same command again after a crash or Ctrl-C skips finished
+stages and resumes the interrupted one from its last checkpoint. Changing the prune, evaluate or
+export section of a finished run redoes that stage and the ones after it; any other change is refused.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from replacer.distill.end_to_end import tune_end_to_end
 from replacer.distributed import SINGLE, World
 from replacer.evaluate import evaluate, write_figures
 from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
-from replacer.recipe import Recipe, RecipeError
+from replacer.pruning.stage import budget_name, prune_budgets
+from replacer.recipe import LATER, Recipe, RecipeError
 from replacer.report import write_report
 from replacer.tasks import resolve_task
 from replacer.teacher import obtain_teacher
 from replacer.training_state import clear_state
 
-STAGES = ("teacher", "distill", "tune", "evaluate", "export")
+STAGES = ("teacher", "distill", "tune", "prune", "evaluate", "export")
 
 
 class RunProgress:
@@ -74,10 +76,23 @@ class RunDir:
             )
         self.state.setdefault("fingerprint", fingerprint)
         self.state.setdefault("stages", {})
+        self._redo_changed_sections(recipe.section_fingerprints())
         if world.is_main:
             (self.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
             self._save()
         world.barrier()
+
+    def _redo_changed_sections(self, sections: dict[str, str]) -> None:
+        """Forget the stages from the first changed later section on (their old outputs are replaced)."""
+        recorded = self.state.setdefault("sections", {})
+        changed = [name for name in LATER if recorded.get(name, sections[name]) != sections[name]]
+        if changed:
+            for stage in LATER[LATER.index(changed[0]):]:
+                self.state["stages"].pop(stage, None)
+            if changed[0] == "prune" and self.world.is_main:
+                for old in [self.path / "prune", *self.path.glob("students/pruned-*"), self.path / "students" / "hoyer"]:
+                    shutil.rmtree(old, ignore_errors=True)
+        self.state["sections"] = sections
 
     def _save(self) -> None:
         tmp = self.state_file.with_suffix(".tmp")
@@ -154,14 +169,25 @@ def run_recipe(
                 replacer.save(student, stage_dir / "tuned")
                 clear_state(state)
             run.finish("tune", time.time() - start, final_loss=loss)
+        student = _resume_from(student, teacher, stage_dir / "tuned", stage_dir / "distilled")
+        if recipe.prune.enabled and not run.done("prune"):
+            start = time.time()
+            budgets = prune_budgets(
+                copy.deepcopy(student), teacher, task, plan, recipe.prune, recipe.tune, run.path / "prune", stage_dir,
+                progress, run.log, world,
+            )
+            run.finish("prune", time.time() - start, budgets=budgets)
         if not world.is_main:
             return None
-        student = _resume_from(student, teacher, stage_dir / "tuned", stage_dir / "distilled")
         if not run.done("evaluate"):
             start = time.time()
             eval_plan = BatchPlan(held_out, recipe.data.batch_size, task.collate, shuffle=False, lengths=_lengths(held_out))
             batches = [eval_plan.batch(k) for k in range(len(eval_plan))]
             models = {"distilled": student}
+            if recipe.prune.enabled:
+                for budget in sorted(recipe.prune.budgets, reverse=True):
+                    name = budget_name(budget)
+                    models[name] = replacer.load(stage_dir / name, base=copy.deepcopy(teacher))
             if recipe.evaluate.baseline:
                 models["undistilled"] = _student(recipe, teacher)
             with progress.task("evaluate", 1) as advance:

@@ -6,7 +6,8 @@ third-party plugin is tested exactly as `replacer.replace` would use it:
     from replacer.testing import check_mixer
     check_mixer("my-mixer", options={"width": 8})
 
-Every check raises AssertionError with a sentence saying which rule broke.
+Every check raises AssertionError with a sentence saying which rule broke. Mixers that declare
+prunable groups (`Mixer.prunable_groups`) are also checked after pruning.
 """
 
 from __future__ import annotations
@@ -120,6 +121,41 @@ def check_state_dict_roundtrip(spec: MixerSpec, mixer: Mixer, causal: bool, opti
     torch.testing.assert_close(other(x), mixer(x), atol=0, rtol=0, msg="state_dict does not hold the whole mixer")
 
 
+def check_pruning(spec: MixerSpec, causal: bool, options: BaseModel | dict | None) -> None:
+    """Mixers that declare prunable groups: a zeroed group is inert, removing groups cuts exactly their
+    parameters and changes no output, and the pruned mixer still passes every check and reloads."""
+    from replacer.pruning.groups import GroupIndex, ParameterCount, apply_shapes, shrink
+
+    mixer = build_mixer(spec, causal, options, seed=2)
+    index = GroupIndex.of_mixers({"mixer": ("", mixer)})
+    if not index.groups:
+        return
+    # the first member of every other family: structures end up with different widths
+    firsts = list({g.family: gid for gid, g in reversed(list(enumerate(index.groups)))}.values())[::2]
+    x = torch.randn(2, 6, mixer.d_model)
+    count = ParameterCount(index)
+    with torch.no_grad():
+        for gid in firsts:  # one member of every family, zeroed
+            count.remove(gid)
+            for name, dim, positions in index.groups[gid].slices:
+                index.params[name].index_fill_(dim, torch.tensor(positions), 0.0)
+        before = mixer(x)
+        shapes = shrink(mixer, index, firsts)
+        after = mixer(x)
+    assert sum(p.numel() for p in mixer.parameters()) == count.total, (
+        "removing groups must cut exactly the parameters their slices name (overlaps counted once)"
+    )
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-4,
+                               msg="removing groups whose weights are zero changed the outputs: the slices are incomplete")
+    for check in CHECKS.values():
+        check(mixer)
+    other = build_mixer(spec, causal, options, seed=3)
+    apply_shapes(other, shapes)
+    other.load_state_dict(copy.deepcopy(mixer.state_dict()))
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), mixer(x), atol=0, rtol=0, msg="a pruned mixer does not reload from its shapes and weights")
+
+
 CHECKS: dict[str, Callable[[Mixer], None]] = {
     "shapes and gradients": check_shapes_and_gradients,
     "padding": check_padding,
@@ -140,3 +176,4 @@ def check_mixer(plugin: str | MixerSpec, options: BaseModel | dict | None = None
         for check in CHECKS.values():
             check(mixer)
         check_state_dict_roundtrip(plugin, mixer, causal, options)
+        check_pruning(plugin, causal, options)

@@ -54,19 +54,19 @@ def test_equals_torch_recurrent_layer_with_the_same_weights(kind, bidirectional)
         for d, suffix in enumerate(["", "_reverse"][:directions]):
             w_ih, w_hh = getattr(reference, f"weight_ih_l0{suffix}"), getattr(reference, f"weight_hh_l0{suffix}")
             b_ih, b_hh = getattr(reference, f"bias_ih_l0{suffix}"), getattr(reference, f"bias_hh_l0{suffix}")
-            mixer.weight_ih[d, 0].copy_(_blocks(w_ih, order).t())
-            mixer.weight_hh[d, 0].copy_(_blocks(w_hh, order).t())
+            mixer.weight_ih[d].copy_(_blocks(w_ih, order).t())  # one head: group d is direction d
+            mixer.weight_hh[d].copy_(_blocks(w_hh, order).t())
             if kind == "lstm":
-                mixer.bias[d, 0].copy_(_blocks(b_ih + b_hh, order))
+                mixer.bias[d].copy_(_blocks(b_ih + b_hh, order))
             else:
-                mixer.bias[d, 0].copy_(_blocks(b_ih, order))
-                mixer.bias_hh[d, 0].copy_(_blocks(b_hh, order))
+                mixer.bias[d].copy_(_blocks(b_ih, order))
+                mixer.bias_hh[d].copy_(_blocks(b_hh, order))
     x = torch.randn(2, 7, width)
     expected = reference(x)[0]  # (B, N, directions * width)
     for d in range(directions):  # read each direction out through the merge map
         with torch.no_grad():
-            mixer.merge_weight.zero_()
-            mixer.merge_weight[0, d * width : (d + 1) * width].copy_(torch.eye(width))
+            for g, merge in enumerate(mixer.merge_weight):
+                merge.copy_(torch.eye(width) if g == d else torch.zeros(width, width))
             mixer.merge_bias.zero_()
         torch.testing.assert_close(mixer(x), expected[..., d * width : (d + 1) * width], atol=1e-5, rtol=1e-5)
 

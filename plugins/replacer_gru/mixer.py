@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from replacer.graph.site import LinearWeights, Site
 from replacer.recurrent import MultiHeadRecurrence, RecurrentOptions
@@ -23,15 +22,12 @@ class MultiHeadGRU(MultiHeadRecurrence):
 
     gate_blocks = 3
     state_size = 1
+    gate_vectors = ("bias", "bias_hh")
 
-    def __init__(self, site: Site, hidden: int, bidirectional: bool) -> None:
-        super().__init__(site, hidden, bidirectional)
-        self.bias_hh = nn.Parameter(torch.zeros(self.directions * self.heads, 1, 3 * hidden))
-
-    def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weight_hh: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         (hx,) = state
-        h = self.hidden
-        g = torch.baddbmm(self.bias_hh, hx, weight_hh)
+        h = hx.shape[-1]
+        g = torch.baddbmm(weights["bias_hh"][:, None], hx, weights["weight_hh"])
         rz = (gates_x[..., : 2 * h] + g[..., : 2 * h]).sigmoid()
         candidate = torch.addcmul(gates_x[..., 2 * h :], rz[..., :h], g[..., 2 * h :]).tanh()
         return (torch.lerp(candidate, hx, rz[..., h:]),)

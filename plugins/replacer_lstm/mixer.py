@@ -28,12 +28,13 @@ class MultiHeadLSTM(MultiHeadRecurrence):
     def __init__(self, site: Site, hidden: int, bidirectional: bool, forget_bias: float = 1.0) -> None:
         super().__init__(site, hidden, bidirectional)
         with torch.no_grad():
-            self.bias[..., hidden : 2 * hidden] = forget_bias
+            for bias in self.bias:
+                bias[hidden : 2 * hidden] = forget_bias
 
-    def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weight_hh: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         hx, cx = state
-        h = self.hidden
-        g = torch.baddbmm(gates_x, hx, weight_hh)
+        h = hx.shape[-1]
+        g = torch.baddbmm(gates_x, hx, weights["weight_hh"])
         ifo = g[..., : 3 * h].sigmoid()
         c_new = torch.addcmul(ifo[..., h : 2 * h] * cx, ifo[..., :h], g[..., 3 * h :].tanh())
         return ifo[..., 2 * h :] * c_new.tanh(), c_new

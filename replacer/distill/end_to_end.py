@@ -15,7 +15,7 @@ from replacer.distill.loop import train_loop
 from replacer.distributed import SINGLE, World
 from replacer.errors import ReplacerError
 from replacer.recipe import TuneSpec
-from replacer.tasks import Task
+from replacer.tasks import Batch, Task
 
 
 def trainable_parameters(student: nn.Module, which: str | list[str]) -> dict[str, nn.Parameter]:
@@ -30,11 +30,26 @@ def trainable_parameters(student: nn.Module, which: str | list[str]) -> dict[str
     return chosen
 
 
+def student_loss(student: nn.Module, teacher: nn.Module, task: Task, batch: Batch, spec: TuneSpec) -> torch.Tensor:
+    """Distillation from the teacher plus, where the batch has labels, the task loss, weighted by `spec`."""
+    with torch.no_grad():
+        target = task.run(teacher, batch)
+    out = task.run(student, batch)
+    loss = spec.kd_weight * task.distill_loss(out, target, batch, spec.temperature)
+    if spec.task_weight > 0 and (supervised := task.task_loss(out, batch)) is not None:
+        loss = loss + spec.task_weight * supervised
+    return loss
+
+
 def tune_end_to_end(
     student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: TuneSpec, state_path: Path,
     advance: Callable[[], None], log: Callable[[dict], None], world: World = SINGLE,
+    penalty: Callable[[], torch.Tensor] | None = None, record: dict | None = None,
 ) -> float:
     """Train the chosen parameters, resuming from `state_path` (the caller clears it once the result is saved).
+
+    `penalty` (a regulariser on the student's weights, e.g. pruning's Hoyer-square) is added to every
+    step's loss; `record` labels the logged losses (default: the tune stage).
 
     Returns the mean loss of the last 10% of steps. Under torchrun the student runs under
     DistributedDataParallel and each rank takes its share of every batch, so the ranks together
@@ -55,18 +70,13 @@ def tune_end_to_end(
     model = DistributedDataParallel(student, find_unused_parameters=True) if world.distributed else student
 
     def loss_at(step: int) -> torch.Tensor:
-        batch = plan.batch(step, world)
-        with torch.no_grad():
-            target = task.run(teacher, batch)
-        out = task.run(model, batch)
-        loss = spec.kd_weight * task.distill_loss(out, target, batch, spec.temperature)
-        supervised = task.task_loss(out, batch) if spec.task_weight > 0 else None
-        return loss if supervised is None else loss + spec.task_weight * supervised
+        loss = student_loss(model, teacher, task, plan.batch(step, world), spec)
+        return loss if penalty is None else loss + penalty()
 
     try:
         return train_loop(
             params, optimizer, loss_at, spec.steps, spec.lr, spec.checkpoint_every, state_path,
-            {"stage": "tune"}, advance, log, world,
+            record or {"stage": "tune"}, advance, log, world,
         )
     finally:
         for name, p in student.named_parameters():

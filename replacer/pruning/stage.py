@@ -1,0 +1,93 @@
+"""The recipe's prune stage: one tuned student in, a family of smaller students out, one per budget.
+
+Budgets are fractions of the tuned mixers' parameters. The largest budget is cut from the tuned
+student, each smaller one from the recovered student of the budget above it (gradual pruning loses
+less than one deep cut), and every cut is followed by end-to-end recovery distillation. Each
+budget's student is saved under `students/pruned-<percent>`, so a resumed run skips finished budgets.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+from torch import nn
+
+import replacer
+from replacer.batches import BatchPlan
+from replacer.distill.end_to_end import student_loss, tune_end_to_end
+from replacer.distributed import SINGLE, World
+from replacer.pruning import GroupIndex, hoyer_square, mixer_parameters, prune
+from replacer.recipe import PruneSpec, TuneSpec
+from replacer.tasks import Task
+from replacer.training_state import clear_state
+
+if TYPE_CHECKING:
+    from replacer.run import RunProgress
+
+
+def budget_name(budget: float) -> str:
+    return f"pruned-{budget * 100:g}"
+
+
+def prune_budgets(
+    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, tune: TuneSpec,
+    folder: Path, students: Path, progress: "RunProgress", log: Callable[[dict], None], world: World = SINGLE,
+) -> dict[str, dict]:
+    """Prune `student` (modified in place) to every budget; returns per budget what was cut and how long it took."""
+    folder.mkdir(parents=True, exist_ok=True)
+    recovery = tune.model_copy(update={"steps": spec.recovery_steps, "lr": spec.lr, "train": "mixers",
+                                       "checkpoint_every": spec.checkpoint_every})
+    base = mixer_parameters(student)
+    if spec.importance == "hoyer":
+        student = _hoyer_regularised(student, teacher, task, plan, spec, recovery, folder, students, progress, log, world)
+    results = {}
+    for budget in sorted(spec.budgets, reverse=True):
+        name = budget_name(budget)
+        saved = students / name
+        if (saved / "manifest.json").is_file():  # finished before an interruption
+            student = replacer.load(saved, base=copy.deepcopy(teacher))
+            results[name] = {"budget": budget, "mixer_params": mixer_parameters(student), "mixer_params_tuned": base}
+            continue
+        start = time.time()
+        losses = None
+        if spec.importance == "taylor":
+            losses = [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(spec.taylor_batches)]
+        cut = prune(student, params=round(budget * base), importance=spec.importance, losses=losses)
+        log({"stage": "prune", "budget": budget, "mixer_params": cut.mixer_params_after, "removed_by_site": cut.removed_by_site})
+        state = folder / f"{name}.state"
+        if spec.recovery_steps:
+            with progress.task(f"prune: recover {name}", spec.recovery_steps) as advance:
+                tune_end_to_end(student, teacher, task, plan, recovery, state, advance, log, world, record={"stage": name})
+        if world.is_main:
+            replacer.save(student, saved)
+            clear_state(state)
+        world.barrier()
+        results[name] = {
+            "budget": budget, "mixer_params": cut.mixer_params_after, "mixer_params_tuned": base,
+            "removed_groups": cut.removed_groups, "seconds": round(time.time() - start, 1),
+        }
+    return results
+
+
+def _hoyer_regularised(
+    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, recovery: TuneSpec,
+    folder: Path, students: Path, progress: "RunProgress", log: Callable[[dict], None], world: World,
+) -> nn.Module:
+    """The tuned student trained on with FAR's Hoyer-square group penalty, so group norms separate."""
+    saved = students / "hoyer"
+    if (saved / "manifest.json").is_file():
+        return replacer.load(saved, base=copy.deepcopy(teacher))
+    index = GroupIndex.of(student)
+    state = folder / "hoyer.state"
+    steps = recovery.model_copy(update={"steps": spec.hoyer_steps})
+    with progress.task("prune: Hoyer-square group penalty", spec.hoyer_steps) as advance:
+        tune_end_to_end(student, teacher, task, plan, steps, state, advance, log, world,
+                        penalty=lambda: spec.hoyer_weight * hoyer_square(index), record={"stage": "hoyer"})
+    if world.is_main:
+        replacer.save(student, saved)
+        clear_state(state)
+    world.barrier()
+    return student
