@@ -6,6 +6,11 @@ decay A, a skip D, then a SiLU gate. Encoders run a forward and a backward scan,
 conv and SSM parameters (stacked on a leading direction axis) and sum them; decoders run forward.
 
 Both directions run as one scan over `directions x heads` heads, so they share every kernel call.
+
+Pruning removes x-branch channels (`replacer.pruning`): a channel's rows of the x and gate
+projections and its conv filter in both directions. The `channels` buffer says which of the
+`heads x head_dim` outputs remain; heads scan at the width of the widest one and removed channels
+output zero, which the site's kept output projection then ignores.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from replacer.graph.site import LinearWeights, Site
-from replacer.mixer import MixerState, ScanMixer
+from replacer.mixer import MixerState, PruneGroup, ScanMixer
 from replacer.recurrent import resolve_bidirectional
 from replacer_ssm.scan import ssd_scan
 
@@ -80,6 +85,7 @@ class MultiHeadSSM(ScanMixer):
         self.dt_bias = nn.Parameter(torch.empty(d, H))
         self.A_log = nn.Parameter(torch.empty(d, H))
         self.D = nn.Parameter(torch.ones(d, H))
+        self.register_buffer("channels", torch.arange(inner))
         self._reset()
 
     @torch.no_grad()
@@ -102,6 +108,29 @@ class MultiHeadSSM(ScanMixer):
             f"conv_kernel={self.conv_kernel}, gate={self.gate_proj is not None}, directions={self.directions}"
         )
 
+    def prunable_groups(self) -> list[PruneGroup]:
+        """One x-branch channel: projection rows, conv filters (both directions) and its place in `channels`."""
+        per_channel = [("in_proj.weight", 0), ("in_proj.bias", 0), ("channels", 0)]
+        if self.gate_proj is not None:
+            per_channel += [("gate_proj.weight", 0), ("gate_proj.bias", 0)]
+        if self.conv_kernel:
+            per_channel += [("conv_weight", 1), ("conv_bias", 1)]
+        return [
+            PruneGroup(f"channel {int(c)}", f"channels {int(c) // self.head_dim}", tuple((n, dim, (i,)) for n, dim in per_channel))
+            for i, c in enumerate(self.channels)
+        ]
+
+    def _head_layout(self) -> tuple[int, torch.Tensor | None]:
+        """The widest head's channel count, and where each remaining channel sits in `(heads, widest)`
+        (None while nothing is pruned)."""
+        if len(self.channels) == self.heads * self.head_dim:
+            return self.head_dim, None
+        head = torch.div(self.channels, self.head_dim, rounding_mode="floor")
+        counts = torch.bincount(head, minlength=self.heads)
+        widest = int(counts.max())
+        rank = torch.arange(len(head), device=head.device) - (torch.cumsum(counts, 0) - counts)[head]
+        return widest, head * widest + rank
+
     def scan(
         self, x: torch.Tensor, state: MixerState | None, padding_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, MixerState]:
@@ -109,8 +138,9 @@ class MultiHeadSSM(ScanMixer):
         # Strong decays (exp(dt*A) over many steps) produce denormal floats, which slow CPU ops ~20x.
         torch.set_flush_denormal(True)
         Bsz, N, _ = x.shape
-        d, H, P, n, K = self.directions, self.heads, self.head_dim, self.state_size, self.conv_kernel
-        inner = H * P
+        d, H, n, K = self.directions, self.heads, self.state_size, self.conv_kernel
+        P, layout = self._head_layout()
+        inner = len(self.channels)
         keep = order = None
         count = torch.full((Bsz,), N, device=x.device)
         if padding_mask is not None and not bool(padding_mask.all()):
@@ -145,8 +175,11 @@ class MultiHeadSSM(ScanMixer):
         if keep is not None:  # dt = 0: padded steps neither decay nor feed the state
             keep_d = keep[:, :, None] if d == 1 else torch.stack((keep, keep.flip(1)), 2)
             dt = dt.masked_fill(~keep_d[..., None], 0)
+        us = us.permute(0, 2, 1, 3)  # (B, N, d, channels)
+        if layout is not None:
+            us = us.new_zeros(Bsz, N, d, H * P).index_copy(-1, layout, us)
         y, ssm_state = ssd_scan(
-            us.permute(0, 2, 1, 3).reshape(Bsz, N, d * H, P),
+            us.reshape(Bsz, N, d * H, P),
             dt.reshape(Bsz, N, d * H),
             -torch.exp(self.A_log).view(-1),
             Bm.reshape(Bsz, N, d * H, n),
@@ -155,10 +188,14 @@ class MultiHeadSSM(ScanMixer):
             self.chunk_size,
             None if state is None else state[1],
         )
-        y = y.reshape(Bsz, N, d, inner)
+        y = y.reshape(Bsz, N, d, H * P)
+        if layout is not None:
+            y = y.index_select(-1, layout)
         y = y[:, :, 0] if d == 1 else y[:, :, 0] + y[:, :, 1].flip(1)
         if self.gate_proj is not None:
             y = y * F.silu(self.gate_proj(x))
+        if layout is not None:  # removed channels output zero
+            y = y.new_zeros(Bsz, N, self.out_dim).index_copy(-1, self.channels, y)
         if order is not None:
             y = y.gather(1, torch.argsort(order, dim=1)[..., None].expand_as(y))
             y = y.masked_fill(~mask[..., None], 0)

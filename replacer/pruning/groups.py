@@ -27,6 +27,7 @@ class GroupIndex:
     sites: list[str]  # the site of each group
     prefixes: dict[str, str]  # site -> where its mixer's parameter names start in the model
     params: dict[str, nn.Parameter]  # every mixer parameter, by its name in the model
+    buffers: dict[str, torch.Tensor]  # every mixer buffer (e.g. which output channels remain)
     entries: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """(parameter, dim) -> (positions along dim, group id of each position)."""
 
@@ -42,21 +43,24 @@ class GroupIndex:
     @classmethod
     def of_mixers(cls, mixers: dict[str, tuple[str, Mixer]]) -> "GroupIndex":
         """Mixers by site name, each with the prefix of its parameter names in the model that holds them."""
-        groups, sites, params = [], [], {}
+        groups, sites, params, buffers = [], [], {}, {}
         raw: dict[tuple[str, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
         for site, (prefix, mixer) in mixers.items():
             params.update({prefix + n: p for n, p in mixer.named_parameters()})
+            buffers.update({prefix + n: b for n, b in mixer.named_buffers()})
             for group in mixer.prunable_groups():
                 gid = len(groups)
                 groups.append(group)
                 sites.append(site)
                 for name, dim, positions in group.slices:
+                    if prefix + name in buffers:
+                        continue  # cut with the group, but weighs nothing
                     if prefix + name not in params:
-                        raise ReplacerError(f"{type(mixer).__name__} declares a group over unknown parameter {name!r}")
+                        raise ReplacerError(f"{type(mixer).__name__} declares a group over unknown tensor {name!r}")
                     pos, ids = raw[(prefix + name, dim)]
                     pos.extend(positions)
                     ids.extend([gid] * len(positions))
-        index = cls(groups, sites, {site: prefix for site, (prefix, _) in mixers.items()}, params)
+        index = cls(groups, sites, {site: prefix for site, (prefix, _) in mixers.items()}, params, buffers)
         index.entries = {key: (torch.tensor(pos), torch.tensor(ids)) for key, (pos, ids) in raw.items()}
         return index
 
@@ -66,6 +70,15 @@ class GroupIndex:
     def parameter_name(self, gid: int, name: str) -> str:
         """A group's slice parameter, named as in the model."""
         return self.prefixes[self.sites[gid]] + name
+
+    @torch.no_grad()
+    def zero_(self, gids: list[int]) -> None:
+        """Set the chosen groups' weights to zero (a zeroed group must be inert: removing it changes nothing)."""
+        for gid in gids:
+            for name, dim, positions in self.groups[gid].slices:
+                full = self.parameter_name(gid, name)
+                if full in self.params:
+                    self.params[full].index_fill_(dim, torch.tensor(positions, device=self.params[full].device), 0.0)
 
     def group_sums(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per group, the sum of `values[param]` over the group's slices (differentiable).
@@ -98,10 +111,10 @@ class ParameterCount:
         self.removed: dict[tuple[str, int], set[int]] = defaultdict(set)
         self.left = {n: p.numel() for n, p in index.params.items()}
         self.total = sum(self.left.values())
-        self.slices = [
-            [(index.parameter_name(gid, name), dim, positions) for name, dim, positions in group.slices]
-            for gid, group in enumerate(index.groups)
-        ]
+        self.slices = []  # parameters only: buffers cut with a group weigh nothing
+        for gid, group in enumerate(index.groups):
+            named = ((index.parameter_name(gid, n), dim, positions) for n, dim, positions in group.slices)
+            self.slices.append([s for s in named if s[0] in self.left])
 
     def remove(self, gid: int) -> None:
         touched = set()
@@ -116,7 +129,7 @@ class ParameterCount:
 
 
 def shrink(model: nn.Module, index: GroupIndex, remove: list[int]) -> dict[str, list[int]]:
-    """Cut the chosen groups' rows and columns out of their tensors; returns the new shapes by parameter.
+    """Cut the chosen groups' rows and columns out of their tensors; returns the new shapes by tensor name.
 
     Tensors are replaced by smaller ones (no masks); `requires_grad` is kept, and `nn.Linear`
     modules have their feature counts updated to match.
@@ -128,29 +141,32 @@ def shrink(model: nn.Module, index: GroupIndex, remove: list[int]) -> dict[str, 
     shapes = {}
     with torch.no_grad():
         for name, dims in cut.items():
-            old = index.params[name]
+            old = index.params.get(name, index.buffers.get(name))
             new = old.detach()
             for dim, positions in dims.items():
                 keep = [i for i in range(new.shape[dim]) if i not in positions]
                 new = new.index_select(dim, torch.tensor(keep, dtype=torch.long, device=new.device))
-            _set_parameter(model, name, nn.Parameter(new.clone(), requires_grad=old.requires_grad))
+            _set_tensor(model, name, old, new.clone())
             shapes[name] = list(new.shape)
     return shapes
 
 
-def _set_parameter(model: nn.Module, name: str, value: nn.Parameter) -> None:
+def _set_tensor(model: nn.Module, name: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    """Put `new` where `old` was: as a parameter (same requires_grad) or a buffer."""
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name)
-    setattr(owner, attr, value)
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(attr, new)
     if isinstance(owner, nn.Linear) and attr == "weight":
-        owner.out_features, owner.in_features = value.shape
+        owner.out_features, owner.in_features = new.shape
 
 
 def apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:
-    """Give parameters the recorded shapes of a pruned model (their values come from its weights file)."""
-    params = dict(model.named_parameters())
+    """Give tensors the recorded shapes of a pruned model (their values come from its weights file)."""
+    tensors = {**dict(model.named_buffers()), **dict(model.named_parameters())}
     for name, shape in shapes.items():
-        if name not in params:
+        if name not in tensors:
             raise ReplacerError(f"the checkpoint prunes {name}, which the rebuilt model does not have")
-        old = params[name]
-        _set_parameter(model, name, nn.Parameter(old.new_zeros(shape), requires_grad=old.requires_grad))
+        _set_tensor(model, name, tensors[name], tensors[name].new_zeros(shape))
