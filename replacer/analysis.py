@@ -400,6 +400,28 @@ def plot_budgets(rows: Sequence[Mapping[str, float]], path: str | Path, metric_n
     return _save(fig, path)
 
 
+def plot_head_heatmaps(statistics: Mapping[str, Mapping], path: str | Path, title: str = "Teacher attention per layer and head") -> Path:
+    """One heatmap per metric: layers down, heads across (blank where a layer has fewer heads)."""
+    ordered = sorted(statistics.values(), key=lambda s: s["layer_index"])
+    metrics = list(ordered[0]["heads"])
+    heads = max(len(s["heads"][metrics[0]]) for s in ordered)
+    fig = _figure(3.2 * len(metrics) + 1, 0.35 * len(ordered) + 2)
+    for i, metric in enumerate(metrics):
+        grid = np.full((len(ordered), heads), np.nan)
+        for row, stats in enumerate(ordered):
+            values = stats["heads"][metric]
+            grid[row, : len(values)] = values
+        ax = fig.add_subplot(1, len(metrics), i + 1)
+        image = ax.imshow(grid, aspect="auto", cmap="viridis")
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_yticks(range(len(ordered)), [str(s["layer_index"]) for s in ordered])
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _colours(n: int, cmap: str) -> list:
     from matplotlib import colormaps
 

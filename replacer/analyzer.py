@@ -9,13 +9,19 @@ from torch import nn
 
 from replacer.graph.site import Site
 
-AnalyzerFn = Callable[[nn.Module, list[Site], Iterable[Any]], dict[str, Any]]
+ForwardPass = Callable[[], Any]
+"""Runs the model once on one calibration batch."""
+
+AnalyzerFn = Callable[..., dict[str, Any]]
 
 
 @dataclass(frozen=True)
 class AnalyzerSpec:
-    """`run(model, sites, batches)` returns per-site statistics keyed by site name."""
+    """`run(model, sites, passes, **options)` runs every forward pass and returns statistics keyed by site name."""
 
     name: str
     run: AnalyzerFn
     summary: str = ""
+
+    def __call__(self, model: nn.Module, sites: list[Site], passes: Iterable[ForwardPass], **options: Any) -> dict[str, Any]:
+        return self.run(model, sites, passes, **options)

@@ -149,6 +149,31 @@ def run(
     console.print(f"report: {folder / 'report.md'} (all figures in {folder / 'report.json'})")
 
 
+@app.command()
+def analyze(
+    target: str = typer.Argument(..., help="a recipe YAML, or a text model source (minilm, smollm2, hf:ID, a folder)"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override KEY.PATH=VALUE; repeatable"),
+    out: Optional[Path] = typer.Option(None, help="where attention.json and the heatmap go (default: RUN_DIR/analysis)"),
+) -> None:
+    """Analyse a teacher's attention per layer and head: a table here, JSON and a heatmap PNG on disk.
+
+    A model source is analysed on offline English text (docstrings of installed modules).
+    """
+    from replacer.attention_analysis import RESULT, layer_table
+    from replacer.recipe import load_recipe, recipe_for_model
+    from replacer.run import analyze_recipe
+
+    try:
+        path = Path(target)
+        loaded = load_recipe(path, set_) if path.suffix in (".yaml", ".yml") else recipe_for_model(target, set_)
+        folder = out or loaded.directory / "analysis"
+        statistics = analyze_recipe(loaded, folder, console)
+    except ReplacerError as exc:
+        _fail(exc)
+    console.print(layer_table(statistics))
+    console.print(f"per head: {folder / RESULT}; heatmap: {folder / 'teacher_attention.png'}")
+
+
 @app.command("recipe-reference")
 def recipe_reference() -> None:
     """Print the recipe reference (markdown) generated from the recipe models."""

@@ -97,6 +97,32 @@ class MixerChoice(Strict):
     options: dict[str, Any] = Field(default_factory=dict, description="the plugin's options (validated by it)")
 
 
+class SitePolicy(Strict):
+    policy: Literal["sparsest", "densest", "random"] = Field(
+        description="replace the layers whose teacher attention is sparsest (lowest entropy), densest, or random ones"
+    )
+    layers: PositiveInt | None = Field(None, description="how many layers to replace")
+    fraction: float | None = Field(None, gt=0, le=1, description="or: the fraction of layers to replace (rounded, at least 1)")
+    seed: int = Field(0, description="seeds the random policy")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> "SitePolicy":
+        if (self.layers is None) == (self.fraction is None):
+            raise ValueError("give exactly one of layers (a count) or fraction (of all layers)")
+        return self
+
+
+class AnalyzeSpec(Strict):
+    enabled: bool = Field(
+        False, description="analyse the teacher's attention before distilling (always on for sparsest / densest site policies)"
+    )
+    analyzer: str = Field("sparsity", description="an analyzer plugin from `replacer plugins`")
+    batches: PositiveInt = Field(8, description="training batches the teacher runs for the analysis")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the analyzer's options (sparsity: top_k, default 8; window, default 16)"
+    )
+
+
 class DistillSpec(Strict):
     enabled: bool = Field(True, description="run the stage (false: mixers keep their initialisation)")
     steps: int = Field(500, ge=0, description="optimizer steps per site")
@@ -172,7 +198,10 @@ class Recipe(Strict):
     model: ModelSpec = Field(description="the teacher")
     data: DataSpec = Field(description="training and held-out evaluation data")
     teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="train the teacher first (offline vision)")
-    sites: Literal["all"] | list[int | str] = Field("all", description="all, or layer indices / names / globs")
+    sites: Literal["all"] | list[int | str] | SitePolicy = Field(
+        "all", description="all; layer indices / names / globs; or a policy: {policy: sparsest, layers: 3}"
+    )
+    analyze: AnalyzeSpec = Field(default_factory=AnalyzeSpec, description="attention analysis of the teacher")
     mixer: MixerChoice = Field(default_factory=MixerChoice, description="the mixer plugin and its options")
     distill: DistillSpec = Field(default_factory=DistillSpec, description="block-wise distillation")
     tune: TuneSpec = Field(default_factory=TuneSpec, description="end-to-end tuning")
@@ -284,6 +313,14 @@ def _first_model(annotation: Any) -> Any:
     return None
 
 
+def recipe_for_model(source: str, overrides: list[str] | None = None) -> Recipe:
+    """A recipe that only names a text model: offline English text (docstrings) as data, for analyses."""
+    slug = "".join(c if c.isalnum() else "-" for c in source).strip("-")
+    text = {"kind": "text", "source": "docstrings", "limit": 512, "max_length": 128}
+    raw = {"name": f"analyze-{slug}", "model": {"source": source}, "data": {"train": [text], "eval": [text]}}
+    return _validated(raw, overrides, f"model {source}")
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; any problem is a one-line RecipeError."""
     path = Path(path)
@@ -295,12 +332,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections (name, model, data, ...)")
+    return _validated(raw, overrides, str(path))
+
+
+def _validated(raw: dict, overrides: list[str] | None, origin: str) -> Recipe:
     for assignment in overrides or []:
         apply_override(raw, assignment)
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(_explain(exc, str(path))) from None
+        raise RecipeError(_explain(exc, origin)) from None
 
 
 def reference_markdown() -> str:

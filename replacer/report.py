@@ -43,6 +43,24 @@ def write_report(folder: Path, recipe: Recipe, task: Task, state: dict, metrics:
     return report
 
 
+def _teacher_attention(report: dict[str, Any]) -> list[str]:
+    """The analyzer's per-layer means, with the layers that were replaced marked."""
+    statistics = report.get("teacher_attention")
+    if not statistics:
+        return []
+    replaced = set(report.get("replaced_sites", []))
+    metrics = list(next(iter(statistics.values()))["mean"])
+    rows = [
+        [stats["layer_index"], site, "yes" if site in replaced else "", *(stats["mean"][m] for m in metrics)]
+        for site, stats in sorted(statistics.items(), key=lambda kv: kv[1]["layer_index"])
+    ]
+    return [
+        "## Teacher attention (analysis before distillation)",
+        "Means over heads on training batches; per-head values are in report.json and the heatmap figure.",
+        _table(["layer", "site", "replaced", *metrics], rows),
+    ]
+
+
 def _pruning(report: dict[str, Any]) -> list[str]:
     """The budgets table: every pruned student beside the tuned one it was cut from."""
     names = [m for m in report["fidelity"] if m == "distilled" or m.startswith("pruned-")]
@@ -104,6 +122,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         header += [f"CPU ms (batch {size})", "x teacher"]
     parts += ["## Size and speed", _table(header, rows)]
     parts += _pruning(report)
+    parts += _teacher_attention(report)
     stage_rows = [[stage, info.get("seconds", float("nan"))] for stage, info in report["stages"].items()]
     parts += ["## Stages", _table(["stage", "seconds"], stage_rows)]
     if report.get("figures"):

@@ -1,6 +1,7 @@
 """One recipe run: a directory that holds everything, stages that resume, and a report.
 
-Stages: teacher (only when the recipe trains one) -> distill (block-wise) -> tune (end-to-end)
+Stages: teacher (only when the recipe trains one) -> analyze (when asked for, or when a site
+policy ranks layers by the teacher's attention) -> distill (block-wise) -> tune (end-to-end)
 -> prune (when enabled) -> evaluate -> export. Each finished stage is recorded in `state.json`
 with its output on disk, so running the same command again after a crash or Ctrl-C skips finished
 stages and resumes the interrupted one from its last checkpoint. Changing the prune, evaluate or
@@ -28,16 +29,20 @@ from replacer.batches import BatchPlan
 from replacer.distill.blockwise import distill_blockwise
 from replacer.distill.end_to_end import tune_end_to_end
 from replacer.distributed import SINGLE, World
+from replacer import analysis
+from replacer.attention_analysis import analyze_teacher
 from replacer.evaluate import evaluate, write_figures
+from replacer.graph.scan import scan
 from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
 from replacer.pruning.stage import budget_name, prune_budgets
 from replacer.recipe import LATER, Recipe, RecipeError
 from replacer.report import write_report
-from replacer.tasks import resolve_task
+from replacer.selection import choose_sites, needs_analysis
+from replacer.tasks import Task, resolve_task
 from replacer.teacher import obtain_teacher
 from replacer.training_state import clear_state
 
-STAGES = ("teacher", "distill", "tune", "prune", "evaluate", "export")
+STAGES = ("teacher", "analyze", "distill", "tune", "prune", "evaluate", "export")
 
 
 class RunProgress:
@@ -113,11 +118,35 @@ class RunDir:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
-def _student(recipe: Recipe, teacher: nn.Module) -> nn.Module:
+def _student(recipe: Recipe, teacher: nn.Module, sites: list[str | int] | None) -> nn.Module:
     """The replaced model before training; seeded, so the undistilled baseline starts identically."""
     torch.manual_seed(recipe.seed)
-    sites = None if recipe.sites == "all" else recipe.sites
     return replacer.replace(teacher, recipe.mixer.plugin, sites=sites, options=recipe.mixer.options).eval()
+
+
+def prepare(recipe: Recipe) -> tuple[nn.Module, Task, list]:
+    """The teacher as loaded (seeded: a randomly initialised one is the same in every run and on every
+    rank), the task it computes and the training examples; every missing input fails here, at once."""
+    torch.manual_seed(recipe.seed)
+    teacher = preflight(recipe)
+    task = resolve_task(recipe.model.task, teacher, load_tokenizer(recipe), is_text(recipe), _max_length(recipe))
+    return teacher, task, load_examples(recipe.data.train, recipe.seed)
+
+
+def analyze_recipe(recipe: Recipe, folder: Path, console: Console) -> dict[str, Any]:
+    """`replacer analyze`: the teacher's attention statistics (JSON) and heatmap, without converting anything."""
+    teacher, task, train = prepare(recipe)
+    plan = BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=_lengths(train))
+    progress = RunProgress(console)
+    with progress.progress:
+        if recipe.teacher.train:
+            with progress.task("teacher: train from scratch", recipe.teacher.steps) as advance:
+                teacher, _ = obtain_teacher(recipe, teacher, task, plan, advance, lambda _: None)
+        with progress.task(f"analyze: {recipe.analyze.analyzer}", 1) as advance:
+            statistics = analyze_teacher(teacher, task, plan, recipe.analyze, folder)
+            advance()
+    analysis.plot_head_heatmaps(statistics, folder / "teacher_attention.png")
+    return statistics
 
 
 def run_recipe(
@@ -131,11 +160,8 @@ def run_recipe(
     console = console or Console()
     if not world.is_main:
         console = Console(quiet=True)
-    torch.manual_seed(recipe.seed)  # a randomly initialised teacher is the same in every run and on every rank
-    teacher = preflight(recipe)
+    teacher, task, train = prepare(recipe)
     run = RunDir(recipe, restart, world)
-    task = resolve_task(recipe.model.task, teacher, load_tokenizer(recipe), is_text(recipe), _max_length(recipe))
-    train = load_examples(recipe.data.train, recipe.seed)
     held_out = load_examples(recipe.data.eval, recipe.seed + 1)
     plan = BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=_lengths(train))
     progress = RunProgress(console)
@@ -148,7 +174,18 @@ def run_recipe(
                 teacher, trained = obtain_teacher(recipe, teacher, task, plan, advance, run.log)
             if not run.done("teacher"):
                 run.finish("teacher", time.time() - start, trained_now=trained)
-        student = _student(recipe, teacher)
+        statistics = None
+        if needs_analysis(recipe):
+            start = time.time()
+            with progress.task(f"analyze: {recipe.analyze.analyzer}", 1) as advance, world.main_first():
+                statistics = analyze_teacher(teacher, task, plan, recipe.analyze, run.path / "analysis")
+                if recipe.evaluate.figures and world.is_main:
+                    analysis.plot_head_heatmaps(statistics, run.path / "figures" / "teacher_attention.png")
+                advance()
+            if not run.done("analyze"):
+                run.finish("analyze", time.time() - start)
+        sites = choose_sites(recipe, scan(teacher).sites, statistics)
+        student = _student(recipe, teacher, sites)
         if recipe.distill.enabled and not run.done("distill"):
             start = time.time()
             losses = distill_blockwise(
@@ -189,7 +226,7 @@ def run_recipe(
                     name = budget_name(budget)
                     models[name] = replacer.load(stage_dir / name, base=copy.deepcopy(teacher))
             if recipe.evaluate.baseline:
-                models["undistilled"] = _student(recipe, teacher)
+                models["undistilled"] = _student(recipe, teacher, sites)
             with progress.task("evaluate", 1) as advance:
                 timed = {k: task.collate([held_out[i % len(held_out)] for i in range(k)]) for k in recipe.evaluate.latency_batch_sizes}
                 metrics = evaluate(
@@ -208,6 +245,11 @@ def run_recipe(
             replacer.save(student, run.path / "model")
             run.finish("export", time.time() - start)
     metrics = json.loads((run.path / "evaluation.json").read_text())
+    if statistics is not None:
+        metrics["teacher_attention"] = statistics
+        if (run.path / "figures" / "teacher_attention.png").is_file():
+            metrics.setdefault("figures", []).insert(0, "figures/teacher_attention.png")
+    metrics["replaced_sites"] = [s.name for s in replacer.scan(student).replaced]
     return write_report(run.path, recipe, task, run.state, metrics)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import ContextManager, Iterator
+
 import torch
 from torch import nn
 
@@ -16,7 +19,32 @@ def _is_timm(module: nn.Module, names: set[str]) -> bool:
     return cls.__module__.startswith("timm.") and cls.__name__ in names
 
 
-class TimmAttentionAdapter(Adapter):
+@contextlib.contextmanager
+def _record_probabilities(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """timm's unfused path applies `attn_drop` to the probabilities: turn fusing off and read its input."""
+    recorded: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, args: tuple) -> None:
+        recorded.append(args[0].detach())
+
+    fused = module.fused_attn
+    module.fused_attn = False
+    handle = module.attn_drop.register_forward_pre_hook(keep)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+        module.fused_attn = fused
+
+
+class TimmAdapter(Adapter):
+    """What timm adapters share: probabilities recorded from the unfused path."""
+
+    def record_attention(self, module: nn.Module) -> ContextManager[list[torch.Tensor]]:
+        return _record_probabilities(module)
+
+
+class TimmAttentionAdapter(TimmAdapter):
     """vit / deit / deit3 `Attention` and eva `EvaAttention`: fused or split qkv, optional norm and gate."""
 
     name = "timm-attention"
@@ -70,7 +98,7 @@ class TimmReplacedAttention(ReplacedAttention):
         return self.mix(*self.read_call(args, kwargs))
 
 
-class TimmWindowAttentionAdapter(Adapter):
+class TimmWindowAttentionAdapter(TimmAdapter):
     """swin `WindowAttention`: each window is a short sequence in raster order."""
 
     name = "timm-window-attention"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -41,6 +43,33 @@ def _cache_argument(call: dict):
         if found is not None:
             return found
     return None
+
+
+@contextlib.contextmanager
+def _record_eager_attention(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """transformers attention returns `(output, weights)`; weights are only computed by the eager
+    implementation, so the module's config is switched to it for the duration."""
+    recorded: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: tuple, output: tuple) -> None:
+        recorded.append(output[1].detach())
+
+    config = module.config
+    previous = config._attn_implementation
+    config._attn_implementation = "eager"
+    handle = module.register_forward_hook(keep)
+    try:
+        yield recorded
+    finally:
+        handle.remove()
+        config._attn_implementation = previous
+
+
+class HFAdapter(Adapter):
+    """What every transformers adapter shares: probabilities recorded through the eager implementation."""
+
+    def record_attention(self, module: nn.Module) -> ContextManager[list[torch.Tensor]]:
+        return _record_eager_attention(module)
 
 
 class HFReplacedAttention(ReplacedAttention):
@@ -88,7 +117,7 @@ class HFReplacedAttention(ReplacedAttention):
         return self.mix(x, padding), None
 
 
-class HFSelfAttentionAdapter(Adapter):
+class HFSelfAttentionAdapter(HFAdapter):
     """BERT-style `*SelfAttention` (query/key/value; the output projection lives in a sibling module)."""
 
     name = "hf-self-attention"
@@ -115,7 +144,7 @@ class HFSelfAttentionAdapter(Adapter):
         return HFReplacedAttention(site, mixer, module)
 
 
-class HFProjectedAttentionAdapter(Adapter):
+class HFProjectedAttentionAdapter(HFAdapter):
     """Llama-style attention with q/k/v/o projections (Llama, Mistral, Qwen, ViT/DeiT in transformers 5, ...)."""
 
     name = "hf-qkvo-attention"
@@ -149,7 +178,7 @@ class HFProjectedAttentionAdapter(Adapter):
         return HFReplacedAttention(site, mixer, module, kept=("o_proj",))
 
 
-class GPT2AttentionAdapter(Adapter):
+class GPT2AttentionAdapter(HFAdapter):
     """GPT-2 attention: fused `c_attn` and `c_proj` Conv1D (weights stored as in x out)."""
 
     name = "hf-gpt2-attention"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
@@ -37,6 +37,11 @@ class Adapter(abc.ABC):
     @abc.abstractmethod
     def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> "ReplacedAttention":
         """The module to install in place of `module`: same call signature and return convention."""
+
+    def record_attention(self, module: nn.Module) -> ContextManager[list[torch.Tensor]]:
+        """While active, `module` computes attention eagerly (even if it normally runs a fused kernel)
+        and every call appends its probabilities `(B, heads, queries, keys)` to the yielded list."""
+        raise Unsupported(f"adapter '{self.name}' cannot record attention probabilities")
 
 
 class ReplacedAttention(nn.Module):
