@@ -123,6 +123,16 @@ class AnalyzeSpec(Strict):
     )
 
 
+class SparsifySpec(Strict):
+    enabled: bool = Field(
+        False, description="make the teacher's attention sparse before distilling (Sparsity to Simplicity)"
+    )
+    top_k: PositiveInt = Field(8, description="keys each query keeps (its highest-scoring ones)")
+    recovery_steps: int = Field(100, ge=0, description="steps training the sparse teacher (every weight) to match the dense one")
+    lr: float = Field(1e-4, gt=0, description="learning rate of the recovery")
+    checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
+
+
 class DistillSpec(Strict):
     enabled: bool = Field(True, description="run the stage (false: mixers keep their initialisation)")
     steps: int = Field(500, ge=0, description="optimizer steps per site")
@@ -202,6 +212,7 @@ class Recipe(Strict):
         "all", description="all; layer indices / names / globs; or a policy: {policy: sparsest, layers: 3}"
     )
     analyze: AnalyzeSpec = Field(default_factory=AnalyzeSpec, description="attention analysis of the teacher")
+    sparsify: SparsifySpec = Field(default_factory=SparsifySpec, description="teacher sparsification before distillation")
     mixer: MixerChoice = Field(default_factory=MixerChoice, description="the mixer plugin and its options")
     distill: DistillSpec = Field(default_factory=DistillSpec, description="block-wise distillation")
     tune: TuneSpec = Field(default_factory=TuneSpec, description="end-to-end tuning")

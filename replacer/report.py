@@ -43,6 +43,17 @@ def write_report(folder: Path, recipe: Recipe, task: Task, state: dict, metrics:
     return report
 
 
+def _sparse_teacher(report: dict[str, Any]) -> list[str]:
+    sparse = report.get("sparse_teacher")
+    if not sparse:
+        return []
+    return [
+        "The students learned a sparsified teacher (top-k attention, recovered by distillation); all fidelity "
+        "above is to the original dense teacher. The sparsified teacher itself against the dense one:",
+        _table(["metric", "sparse teacher"], [[k, v] for k, v in sparse.items()]),
+    ]
+
+
 def _teacher_attention(report: dict[str, Any]) -> list[str]:
     """The analyzer's per-layer means, with the layers that were replaced marked."""
     statistics = report.get("teacher_attention")
@@ -96,6 +107,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "the baseline skips distillation.",
         "## Fidelity to the teacher (held-out data)",
         _table(["metric", *models], [[n, *(fidelity[m][n] for m in models)] for n in names]),
+        *_sparse_teacher(report),
         "## Per-site fidelity on the teacher's own inputs",
         "Relative squared error (lower is better) and linear CKA of the tokens (higher is better) of each "
         "replaced site's output against the teacher attention's output.",

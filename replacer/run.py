@@ -1,7 +1,8 @@
 """One recipe run: a directory that holds everything, stages that resume, and a report.
 
 Stages: teacher (only when the recipe trains one) -> analyze (when asked for, or when a site
-policy ranks layers by the teacher's attention) -> distill (block-wise) -> tune (end-to-end)
+policy ranks layers by the teacher's attention) -> sparsify (when enabled: the students then learn a
+top-k-attention teacher) -> distill (block-wise) -> tune (end-to-end)
 -> prune (when enabled) -> evaluate -> export. Each finished stage is recorded in `state.json`
 with its output on disk, so running the same command again after a crash or Ctrl-C skips finished
 stages and resumes the interrupted one from its last checkpoint. Changing the prune, evaluate or
@@ -31,18 +32,19 @@ from replacer.distill.end_to_end import tune_end_to_end
 from replacer.distributed import SINGLE, World
 from replacer import analysis
 from replacer.attention_analysis import analyze_teacher
-from replacer.evaluate import evaluate, write_figures
+from replacer.evaluate import evaluate, outputs, write_figures
 from replacer.graph.scan import scan
 from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
 from replacer.pruning.stage import budget_name, prune_budgets
 from replacer.recipe import LATER, Recipe, RecipeError
 from replacer.report import write_report
 from replacer.selection import choose_sites, needs_analysis
+from replacer.sparsify import sparsified_teacher
 from replacer.tasks import Task, resolve_task
 from replacer.teacher import obtain_teacher
 from replacer.training_state import clear_state
 
-STAGES = ("teacher", "analyze", "distill", "tune", "prune", "evaluate", "export")
+STAGES = ("teacher", "analyze", "sparsify", "distill", "tune", "prune", "evaluate", "export")
 
 
 class RunProgress:
@@ -166,7 +168,7 @@ def run_recipe(
     plan = BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=_lengths(train))
     progress = RunProgress(console)
     stage_dir = run.path / "students"
-    with progress.progress:
+    with progress.progress, contextlib.ExitStack() as stack:
         if recipe.teacher.train:
             start = time.time()
             # rank 0 trains (or finds) the teacher; the others then read its cache
@@ -184,8 +186,16 @@ def run_recipe(
                 advance()
             if not run.done("analyze"):
                 run.finish("analyze", time.time() - start)
-        sites = choose_sites(recipe, scan(teacher).sites, statistics)
-        student = _student(recipe, teacher, sites)
+        dense = base = teacher  # dense: the function to keep; base: what students are built on
+        if recipe.sparsify.enabled:
+            start = time.time()
+            teacher, base = sparsified_teacher(
+                dense, task, plan, recipe.sparsify, recipe.tune, run.path / "sparse_teacher", progress, run.log, stack, world
+            )
+            if not run.done("sparsify"):
+                run.finish("sparsify", time.time() - start)
+        sites = choose_sites(recipe, scan(base).sites, statistics)
+        student = _student(recipe, base, sites)
         if recipe.distill.enabled and not run.done("distill"):
             start = time.time()
             losses = distill_blockwise(
@@ -196,7 +206,7 @@ def run_recipe(
             run.finish("distill", time.time() - start, final_loss=losses)
             world.barrier()
         if recipe.tune.enabled and not run.done("tune"):
-            student = _resume_from(student, teacher, stage_dir / "distilled")
+            student = _resume_from(student, base, stage_dir / "distilled")
             start = time.time()
             state = run.path / "tune" / "state"
             state.parent.mkdir(exist_ok=True)
@@ -206,12 +216,12 @@ def run_recipe(
                 replacer.save(student, stage_dir / "tuned")
                 clear_state(state)
             run.finish("tune", time.time() - start, final_loss=loss)
-        student = _resume_from(student, teacher, stage_dir / "tuned", stage_dir / "distilled")
+        student = _resume_from(student, base, stage_dir / "tuned", stage_dir / "distilled")
         if recipe.prune.enabled and not run.done("prune"):
             start = time.time()
             budgets = prune_budgets(
-                copy.deepcopy(student), teacher, task, plan, recipe.prune, recipe.tune, run.path / "prune", stage_dir,
-                progress, run.log, world,
+                copy.deepcopy(student), teacher, base, task, plan, recipe.prune, recipe.tune, run.path / "prune",
+                stage_dir, progress, run.log, world,
             )
             run.finish("prune", time.time() - start, budgets=budgets)
         if not world.is_main:
@@ -224,19 +234,21 @@ def run_recipe(
             if recipe.prune.enabled:
                 for budget in sorted(recipe.prune.budgets, reverse=True):
                     name = budget_name(budget)
-                    models[name] = replacer.load(stage_dir / name, base=copy.deepcopy(teacher))
+                    models[name] = replacer.load(stage_dir / name, base=copy.deepcopy(base))
             if recipe.evaluate.baseline:
-                models["undistilled"] = _student(recipe, teacher, sites)
+                models["undistilled"] = _student(recipe, base, sites)
             with progress.task("evaluate", 1) as advance:
                 timed = {k: task.collate([held_out[i % len(held_out)] for i in range(k)]) for k in recipe.evaluate.latency_batch_sizes}
                 metrics = evaluate(
-                    teacher, models, task, batches, timed,
+                    dense, models, task, batches, timed,
                     recipe.evaluate.latency_repeats if recipe.evaluate.latency else None,
                     recipe.evaluate.site_error_batches,
                 )
                 advance()
             if recipe.evaluate.figures:
-                figures = write_figures(run.path / "figures", metrics, teacher, student, task, batches[0], run.path / "metrics.jsonl")
+                if recipe.sparsify.enabled:  # what sparsifying cost the teacher itself
+                    metrics["sparse_teacher"] = task.compare(outputs(task, dense, batches), outputs(task, teacher, batches), batches)
+                figures = write_figures(run.path / "figures", metrics, dense, student, task, batches[0], run.path / "metrics.jsonl")
                 metrics["figures"] = [str(f.relative_to(run.path)) for f in figures]
             (run.path / "evaluation.json").write_text(json.dumps(metrics, indent=2))
             run.finish("evaluate", time.time() - start)

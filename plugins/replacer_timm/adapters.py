@@ -37,11 +37,34 @@ def _record_probabilities(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         module.fused_attn = fused
 
 
+@contextlib.contextmanager
+def _top_k_probabilities(module: nn.Module, top_k: int) -> Iterator[None]:
+    """The unfused path with each row of probabilities cut to its k largest entries and renormalised."""
+
+    def sparsify(_module: nn.Module, args: tuple) -> tuple:
+        probs = args[0]
+        k = min(top_k, probs.shape[-1])
+        kept = probs * (probs >= probs.topk(k, dim=-1).values[..., -1:])
+        return (kept / kept.sum(-1, keepdim=True),)
+
+    fused = module.fused_attn
+    module.fused_attn = False
+    handle = module.attn_drop.register_forward_pre_hook(sparsify)
+    try:
+        yield
+    finally:
+        handle.remove()
+        module.fused_attn = fused
+
+
 class TimmAdapter(Adapter):
-    """What timm adapters share: probabilities recorded from the unfused path."""
+    """What timm adapters share: probabilities recorded and sparsified on the unfused path."""
 
     def record_attention(self, module: nn.Module) -> ContextManager[list[torch.Tensor]]:
         return _record_probabilities(module)
+
+    def sparsify_attention(self, module: nn.Module, top_k: int) -> ContextManager[None]:
+        return _top_k_probabilities(module, top_k)
 
 
 class TimmAttentionAdapter(TimmAdapter):

@@ -65,11 +65,31 @@ def _record_eager_attention(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         config._attn_implementation = previous
 
 
+@contextlib.contextmanager
+def _top_k_attention(module: nn.Module, top_k: int) -> Iterator[None]:
+    """The module's config switched to replacer's registered top-k attention (and eager-style masks)."""
+    from replacer_transformers.sparse_attention import NAME
+
+    config = module.config
+    previous = config._attn_implementation
+    config._attn_implementation = NAME
+    module.replacer_top_k = top_k
+    try:
+        yield
+    finally:
+        del module.replacer_top_k
+        config._attn_implementation = previous
+
+
 class HFAdapter(Adapter):
-    """What every transformers adapter shares: probabilities recorded through the eager implementation."""
+    """What every transformers adapter shares: attention recorded and sparsified through the model's
+    attention interface (eager for recording, replacer's top-k function for sparsifying)."""
 
     def record_attention(self, module: nn.Module) -> ContextManager[list[torch.Tensor]]:
         return _record_eager_attention(module)
+
+    def sparsify_attention(self, module: nn.Module, top_k: int) -> ContextManager[None]:
+        return _top_k_attention(module, top_k)
 
 
 class HFReplacedAttention(ReplacedAttention):

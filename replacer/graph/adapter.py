@@ -43,6 +43,10 @@ class Adapter(abc.ABC):
         and every call appends its probabilities `(B, heads, queries, keys)` to the yielded list."""
         raise Unsupported(f"adapter '{self.name}' cannot record attention probabilities")
 
+    def sparsify_attention(self, module: nn.Module, top_k: int) -> ContextManager[None]:
+        """While active, every query of `module` attends only to its `top_k` highest-scoring keys."""
+        raise Unsupported(f"adapter '{self.name}' cannot make its attention sparse")
+
 
 class ReplacedAttention(nn.Module):
     """Holds a mixer plus the parts of the original attention that are kept (its output projection).

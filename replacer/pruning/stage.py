@@ -33,22 +33,26 @@ def budget_name(budget: float) -> str:
 
 
 def prune_budgets(
-    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, tune: TuneSpec,
+    student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, tune: TuneSpec,
     folder: Path, students: Path, progress: "RunProgress", log: Callable[[dict], None], world: World = SINGLE,
 ) -> dict[str, dict]:
-    """Prune `student` (modified in place) to every budget; returns per budget what was cut and how long it took."""
+    """Prune `student` (modified in place) to every budget; returns per budget what was cut and how long it took.
+
+    `teacher` is the distillation target; `base` the model students are built on (the same, unless the
+    teacher's attention was sparsified).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     recovery = tune.model_copy(update={"steps": spec.recovery_steps, "lr": spec.lr, "train": "mixers",
                                        "checkpoint_every": spec.checkpoint_every})
     base = mixer_parameters(student)
     if spec.importance == "hoyer":
-        student = _hoyer_regularised(student, teacher, task, plan, spec, recovery, folder, students, progress, log, world)
+        student = _hoyer_regularised(student, teacher, base, task, plan, spec, recovery, folder, students, progress, log, world)
     results = {}
     for budget in sorted(spec.budgets, reverse=True):
         name = budget_name(budget)
         saved = students / name
         if (saved / "manifest.json").is_file():  # finished before an interruption
-            student = replacer.load(saved, base=copy.deepcopy(teacher))
+            student = replacer.load(saved, base=copy.deepcopy(base))
             results[name] = {"budget": budget, "mixer_params": mixer_parameters(student), "mixer_params_tuned": base}
             continue
         start = time.time()
@@ -73,13 +77,13 @@ def prune_budgets(
 
 
 def _hoyer_regularised(
-    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, recovery: TuneSpec,
+    student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, recovery: TuneSpec,
     folder: Path, students: Path, progress: "RunProgress", log: Callable[[dict], None], world: World,
 ) -> nn.Module:
     """The tuned student trained on with FAR's Hoyer-square group penalty, so group norms separate."""
     saved = students / "hoyer"
     if (saved / "manifest.json").is_file():
-        return replacer.load(saved, base=copy.deepcopy(teacher))
+        return replacer.load(saved, base=copy.deepcopy(base))
     index = GroupIndex.of(student)
     state = folder / "hoyer.state"
     steps = recovery.model_copy(update={"steps": spec.hoyer_steps})
