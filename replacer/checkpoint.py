@@ -85,7 +85,10 @@ def load(path: str | os.PathLike, base: nn.Module | None = None) -> nn.Module:
                 f"checkpoint was saved with {step['plugin']} {step.get('version')}, installed is {provider.version}",
                 stacklevel=2,
             )
-        model = replace(model, step["plugin"], sites=[s["name"] for s in step["sites"]], options=step["options"], inplace=True)
+        model = replace(
+            model, step["plugin"], sites=[s["name"] for s in step["sites"]], options=step["options"], inplace=True,
+            heads=step.get("heads"),
+        )
     if manifest.get("shapes"):  # a pruned model: give its tensors their saved shapes before loading them
         from replacer.pruning import apply_shapes
 

@@ -98,16 +98,25 @@ class MixerChoice(Strict):
 
 
 class SitePolicy(Strict):
-    policy: Literal["sparsest", "densest", "random"] = Field(
-        description="replace the layers whose teacher attention is sparsest (lowest entropy), densest, or random ones"
+    policy: Literal["sparsest", "densest", "random", "recent-heads"] = Field(
+        description="replace the layers whose teacher attention is sparsest (lowest entropy), densest, or random "
+        "ones; or, in every layer, the heads with the highest recency ratio (RecurFormer: head-level hybrids)"
     )
-    layers: PositiveInt | None = Field(None, description="how many layers to replace")
-    fraction: float | None = Field(None, gt=0, le=1, description="or: the fraction of layers to replace (rounded, at least 1)")
+    layers: PositiveInt | None = Field(None, description="layer policies: how many layers to replace")
+    fraction: float | None = Field(
+        None, gt=0, le=1, description="or: the fraction of layers (layer policies) or of all heads (recent-heads) to replace"
+    )
+    threshold: float | None = Field(
+        None, gt=0, le=1, description="recent-heads: or every head whose recency ratio reaches this"
+    )
     seed: int = Field(0, description="seeds the random policy")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "SitePolicy":
-        if (self.layers is None) == (self.fraction is None):
+        if self.policy == "recent-heads":
+            if self.layers is not None or (self.threshold is None) == (self.fraction is None):
+                raise ValueError("recent-heads takes exactly one of threshold (a recency ratio) or fraction (of all heads)")
+        elif self.threshold is not None or (self.layers is None) == (self.fraction is None):
             raise ValueError("give exactly one of layers (a count) or fraction (of all layers)")
         return self
 
@@ -219,6 +228,15 @@ class Recipe(Strict):
     prune: PruneSpec = Field(default_factory=PruneSpec, description="global structural pruning to several budgets")
     evaluate: EvalSpec = Field(default_factory=EvalSpec, description="held-out evaluation")
     export: ExportSpec = Field(default_factory=ExportSpec, description="the final model as safetensors + manifest")
+
+    @model_validator(mode="after")
+    def _hybrids_train_end_to_end(self) -> "Recipe":
+        if isinstance(self.sites, SitePolicy) and self.sites.policy == "recent-heads" and self.distill.enabled:
+            raise ValueError(
+                "sites.policy recent-heads builds head-level hybrids, which train end to end only: "
+                "set distill.enabled to false (and give tune the steps)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _trained_teacher_starts_from_scratch(self) -> "Recipe":

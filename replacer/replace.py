@@ -6,10 +6,12 @@ import copy
 import fnmatch
 from typing import Iterable
 
+import torch
 from pydantic import BaseModel
 from torch import nn
 
 from replacer.errors import SiteSelectionError
+from replacer.graph.adapter import Unsupported
 from replacer.graph.scan import ScanResult, scan
 from replacer.graph.site import Site
 from replacer.models import describe_origin
@@ -45,6 +47,22 @@ def select_sites(found: ScanResult, selectors: Iterable[SiteSelector] | None) ->
     return sorted(chosen.values(), key=lambda s: s.layer_index)
 
 
+def _check_heads(chosen: list[Site], heads: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Valid head choices for hybrids, by site; sites given every head are replaced whole."""
+    sites = {s.name: s for s in chosen}
+    split = {}
+    for name, wanted in heads.items():
+        if name not in sites:
+            raise SiteSelectionError(f"heads are given for {name!r}, which is not among the selected sites")
+        site = sites[name]
+        unique = sorted(set(int(h) for h in wanted))
+        if not unique or unique[0] < 0 or unique[-1] >= site.num_heads:
+            raise SiteSelectionError(f"heads {wanted} of {name}: give head indices from 0 to {site.num_heads - 1}")
+        if len(unique) < site.num_heads:
+            split[name] = unique
+    return split
+
+
 def _glob(name: str, selector: str) -> bool:
     return name == selector or fnmatch.fnmatchcase(name, selector)
 
@@ -61,6 +79,7 @@ def replace(
     sites: Iterable[SiteSelector] | None = None,
     options: BaseModel | dict | None = None,
     inplace: bool = False,
+    heads: dict[str, list[int]] | None = None,
 ) -> nn.Module:
     """Swap the selected attention sites of `model` for mixers from `plugin`.
 
@@ -69,6 +88,9 @@ def replace(
     `inject_adapter_in_model` does), for models too large to hold twice.
     The returned model takes the same inputs as before and records what was replaced
     (`model.replacer_record`), which `replacer.save` writes into the manifest.
+
+    `heads` maps site names to the heads the mixer takes over; the other heads of those sites keep
+    attention (a head-level hybrid, where the site's adapter supports it). Other sites are replaced whole.
     """
     registry = get_registry()
     spec = registry.mixer(plugin)
@@ -81,15 +103,26 @@ def replace(
     }
     target = model if inplace else copy.deepcopy(model)
     adapters = {a.name: a for a in registry.adapters}
+    split = _check_heads(chosen, heads or {})
     for site in chosen:
         original = target.get_submodule(site.name)
         adapter = adapters[site.adapter]
-        mixer = spec.build(site, validated, adapter.value_projection(original, site))
+        value = adapter.value_projection(original, site)
+        replaced = split.get(site.name)
+        if replaced is not None:
+            rows = torch.cat([torch.arange(h * site.head_dim, (h + 1) * site.head_dim) for h in replaced])
+            mixer = spec.build(site.heads_subset(len(replaced)), validated, None if value is None else value.rows(rows))
+        else:
+            mixer = spec.build(site, validated, value)
         reference = next(original.parameters(), None)
         if reference is not None:
             mixer.to(device=reference.device, dtype=reference.dtype)
         mixer.train(original.training)
-        setattr(target.get_submodule(site.parent_name), site.attr, adapter.wrap(site, original, mixer))
+        try:
+            wrapped = adapter.wrap(site, original, mixer) if replaced is None else adapter.wrap_heads(site, original, mixer, replaced)
+        except Unsupported as exc:
+            raise SiteSelectionError(str(exc)) from None
+        setattr(target.get_submodule(site.parent_name), site.attr, wrapped)
     provider = registry.provider(f"mixer:{plugin}")
     record["replacements"].append(
         {
@@ -98,6 +131,7 @@ def replace(
             "version": provider.version,
             "options": validated.model_dump(mode="json"),
             "sites": [s.to_dict() for s in chosen],
+            **({"heads": split} if split else {}),
         }
     )
     target.replacer_record = record

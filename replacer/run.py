@@ -38,7 +38,7 @@ from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
 from replacer.pruning.stage import budget_name, prune_budgets
 from replacer.recipe import LATER, Recipe, RecipeError
 from replacer.report import write_report
-from replacer.selection import choose_sites, needs_analysis
+from replacer.selection import Selection, choose_sites, needs_analysis
 from replacer.sparsify import sparsified_teacher
 from replacer.tasks import Task, resolve_task
 from replacer.teacher import obtain_teacher
@@ -120,10 +120,12 @@ class RunDir:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
-def _student(recipe: Recipe, teacher: nn.Module, sites: list[str | int] | None) -> nn.Module:
+def _student(recipe: Recipe, teacher: nn.Module, selection: Selection) -> nn.Module:
     """The replaced model before training; seeded, so the undistilled baseline starts identically."""
     torch.manual_seed(recipe.seed)
-    return replacer.replace(teacher, recipe.mixer.plugin, sites=sites, options=recipe.mixer.options).eval()
+    return replacer.replace(
+        teacher, recipe.mixer.plugin, sites=selection.sites, options=recipe.mixer.options, heads=selection.heads
+    ).eval()
 
 
 def prepare(recipe: Recipe) -> tuple[nn.Module, Task, list]:

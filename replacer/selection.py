@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from dataclasses import dataclass
+
 from replacer.errors import ReplacerError
 from replacer.graph.site import Site
 from replacer.recipe import Recipe, SitePolicy
@@ -14,22 +16,53 @@ def needs_analysis(recipe: Recipe) -> bool:
     return recipe.analyze.enabled or (isinstance(policy, SitePolicy) and policy.policy != "random")
 
 
-def choose_sites(recipe: Recipe, sites: list[Site], statistics: dict | None) -> list[str] | None:
-    """Site names to replace (None: all). Policies rank layers by their mean attention entropy over heads."""
+@dataclass(frozen=True)
+class Selection:
+    """What `replacer.replace` gets: sites (None: all) and, for head-level hybrids, heads per site."""
+
+    sites: list[str | int] | None
+    heads: dict[str, list[int]] | None = None
+
+
+def choose_sites(recipe: Recipe, sites: list[Site], statistics: dict | None) -> Selection:
+    """The recipe's choice. Layer policies rank layers by mean attention entropy over heads; the
+    recent-heads policy takes heads by their recency ratio (RecurFormer)."""
     policy = recipe.sites
     if policy == "all":
-        return None
+        return Selection(None)
     if not isinstance(policy, SitePolicy):
-        return policy
+        return Selection(policy)
+    if statistics is None and policy.policy != "random":
+        raise ReplacerError(f"sites.policy {policy.policy} ranks by the teacher's attention: the analysis is missing")
+    if policy.policy == "recent-heads":
+        return _recent_heads(policy, sites, statistics)
     count = policy.layers if policy.layers is not None else max(1, round(policy.fraction * len(sites)))
     if count > len(sites):
         raise ReplacerError(f"sites.layers={count} but the model has {len(sites)} replaceable layers")
     if policy.policy == "random":
         chosen = random.Random(policy.seed).sample(sites, count)
     else:
-        if statistics is None or any(s.name not in statistics for s in sites):
-            raise ReplacerError(f"sites.policy {policy.policy} ranks layers by the teacher's attention: the analysis is missing")
         entropy = {s.name: statistics[s.name]["mean"]["entropy"] for s in sites}
         ranked = sorted(sites, key=lambda s: entropy[s.name], reverse=policy.policy == "densest")
         chosen = ranked[:count]
-    return [s.name for s in sorted(chosen, key=lambda s: s.layer_index)]
+    return Selection([s.name for s in sorted(chosen, key=lambda s: s.layer_index)])
+
+
+def _recent_heads(policy: SitePolicy, sites: list[Site], statistics: dict) -> Selection:
+    """Heads whose recency ratio passes the threshold, or the given fraction of all heads, most recent first."""
+    ranked = sorted(
+        ((ratio, site.name, head) for site in sites for head, ratio in enumerate(statistics[site.name]["heads"]["recency"])),
+        reverse=True,
+    )
+    if policy.threshold is not None:
+        taken = [(name, head) for ratio, name, head in ranked if ratio >= policy.threshold]
+    else:
+        taken = [(name, head) for _, name, head in ranked[: max(1, round(policy.fraction * len(ranked)))]]
+    if not taken:
+        raise ReplacerError(f"no head reaches recency {policy.threshold}; lower sites.threshold")
+    heads: dict[str, list[int]] = {}
+    for name, head in taken:
+        heads.setdefault(name, []).append(head)
+    order = {s.name: s.layer_index for s in sites}
+    names = sorted(heads, key=order.__getitem__)
+    return Selection(names, {n: sorted(heads[n]) for n in names})

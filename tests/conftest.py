@@ -102,3 +102,13 @@ def tiny_text_bert() -> T.PreTrainedModel:
 def tiny_bert_with_vocab(vocab: int) -> T.PreTrainedModel:
     cfg = T.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, vocab_size=vocab)
     return T.BertModel(cfg)
+
+
+def tiny_text_llama() -> T.PreTrainedModel:
+    """A tiny random Llama (4 query heads sharing 2 kv heads) that reads all-MiniLM-L6-v2's tokenizer."""
+    torch.manual_seed(0)
+    cfg = T.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=30522, bos_token_id=101, eos_token_id=102, pad_token_id=0,
+    )
+    return T.LlamaForCausalLM(cfg)

@@ -115,8 +115,11 @@ def test_a_site_never_called_is_an_error():
         analyze_sparsity(model, replacer.scan(model).sites, [])
 
 
-def _fake_statistics(entropies: dict[str, float]) -> dict:
-    return {name: {"layer_index": i, "mean": {"entropy": e}} for i, (name, e) in enumerate(entropies.items())}
+def _fake_statistics(entropies: dict[str, float], recency: dict[str, list[float]] | None = None) -> dict:
+    return {
+        name: {"layer_index": i, "mean": {"entropy": e}, "heads": {"recency": (recency or {}).get(name, [])}}
+        for i, (name, e) in enumerate(entropies.items())
+    }
 
 
 def test_site_policies_select_what_they_claim():
@@ -131,15 +134,28 @@ def test_site_policies_select_what_they_claim():
         def __init__(self, sites):
             self.sites = sites
 
-    assert choose_sites(Fake(SitePolicy(policy="sparsest", layers=1)), sites, stats) == [sites[1].name]
-    assert choose_sites(Fake(SitePolicy(policy="densest", layers=1)), sites, stats) == [sites[0].name]
-    assert choose_sites(Fake(SitePolicy(policy="sparsest", fraction=1.0)), sites, stats) == [s.name for s in sites]
-    picks = {tuple(choose_sites(Fake(SitePolicy(policy="random", layers=1, seed=seed)), sites, None)) for seed in range(20)}
+    def choose(policy, statistics=stats):
+        return choose_sites(Fake(policy), sites, statistics)
+
+    assert choose(SitePolicy(policy="sparsest", layers=1)).sites == [sites[1].name]
+    assert choose(SitePolicy(policy="densest", layers=1)).sites == [sites[0].name]
+    assert choose(SitePolicy(policy="sparsest", fraction=1.0)).sites == [s.name for s in sites]
+    picks = {tuple(choose(SitePolicy(policy="random", layers=1, seed=seed), None).sites) for seed in range(20)}
     assert picks == {(sites[0].name,), (sites[1].name,)}  # seeded, and both layers come up
-    assert choose_sites(Fake(SitePolicy(policy="random", layers=1, seed=3)), sites, None) == \
-        choose_sites(Fake(SitePolicy(policy="random", layers=1, seed=3)), sites, None)
+    assert choose(SitePolicy(policy="random", layers=1, seed=3), None) == choose(SitePolicy(policy="random", layers=1, seed=3), None)
     with pytest.raises(replacer.ReplacerError, match="3 but the model has 2"):
-        choose_sites(Fake(SitePolicy(policy="densest", layers=3)), sites, stats)
+        choose(SitePolicy(policy="densest", layers=3))
+
+    recent = _fake_statistics({sites[0].name: 0.5, sites[1].name: 0.5},
+                              {sites[0].name: [0.9, 0.1, 0.7, 0.2], sites[1].name: [0.3, 0.8, 0.1, 0.1]})
+    by_threshold = choose(SitePolicy(policy="recent-heads", threshold=0.6), recent)
+    assert by_threshold.heads == {sites[0].name: [0, 2], sites[1].name: [1]}
+    assert by_threshold.sites == [sites[0].name, sites[1].name]
+    assert choose(SitePolicy(policy="recent-heads", fraction=0.25), recent).heads == {sites[0].name: [0], sites[1].name: [1]}
+    with pytest.raises(replacer.ReplacerError, match="lower sites.threshold"):
+        choose(SitePolicy(policy="recent-heads", threshold=0.95), recent)
+    with pytest.raises(ValueError, match="recent-heads takes exactly one"):
+        SitePolicy(policy="recent-heads", layers=2)
     with pytest.raises(ValueError, match="exactly one of layers"):
         SitePolicy(policy="sparsest", layers=1, fraction=0.5)
 

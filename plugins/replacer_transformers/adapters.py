@@ -197,6 +197,13 @@ class HFProjectedAttentionAdapter(HFAdapter):
     def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> ReplacedAttention:
         return HFReplacedAttention(site, mixer, module, kept=("o_proj",))
 
+    def wrap_heads(self, site: Site, module: nn.Module, mixer: Mixer, heads: list[int]) -> ReplacedAttention:
+        from replacer_transformers.hybrid import HFHybridAttention
+
+        if not site.causal or getattr(module, "layer_idx", None) is None:
+            raise Unsupported(f"{site.name}: head-level hybrids are built for causal decoder layers")
+        return HFHybridAttention(site, mixer, module, heads)
+
 
 class GPT2AttentionAdapter(HFAdapter):
     """GPT-2 attention: fused `c_attn` and `c_proj` Conv1D (weights stored as in x out)."""

@@ -56,9 +56,6 @@ class MixerStateLayer(DynamicLayer):
     def prefetch(self) -> None:
         pass  # the state moves back to the mixer's device on first use
 
-    def state_bytes(self) -> int:
-        return sum(s.numel() * s.element_size() for s in self.state or ())
-
 
 def mixer_state_layer(cache: Cache, index: int) -> MixerStateLayer:
     """The state slot for layer `index`, installed on first use."""
@@ -81,10 +78,9 @@ def cache_bytes(cache: Cache) -> dict[str, int]:
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
     held = {"kv": 0, "mixer_state": 0}
-    for layer in cache.layers:
-        if isinstance(layer, MixerStateLayer):
-            held["mixer_state"] += layer.state_bytes()
-        else:
+    for layer in cache.layers:  # attention layers hold keys and values, replaced ones state, hybrids both
+        held["mixer_state"] += sum(s.numel() * s.element_size() for s in getattr(layer, "state", None) or ())
+        if not isinstance(layer, MixerStateLayer):
             held["kv"] += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
     return held
 

@@ -38,6 +38,10 @@ class Adapter(abc.ABC):
     def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> "ReplacedAttention":
         """The module to install in place of `module`: same call signature and return convention."""
 
+    def wrap_heads(self, site: Site, module: nn.Module, mixer: Mixer, heads: list[int]) -> "ReplacedAttention":
+        """A head-level hybrid: `heads` run `mixer`, the other heads keep attention (RecurFormer)."""
+        raise Unsupported(f"adapter '{self.name}' cannot replace single heads; replace whole sites")
+
     def record_attention(self, module: nn.Module) -> ContextManager[list[torch.Tensor]]:
         """While active, `module` computes attention eagerly (even if it normally runs a fused kernel)
         and every call appends its probabilities `(B, heads, queries, keys)` to the yielded list."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -43,6 +43,10 @@ class Site:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def heads_subset(self, count: int) -> "Site":
+        """The site seen by a mixer that replaces `count` of its heads (each its own kv head)."""
+        return replace(self, num_heads=count, num_kv_heads=count)
+
 
 @dataclass(frozen=True)
 class UnsupportedSite:
@@ -59,6 +63,10 @@ class LinearWeights:
 
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+
+    def rows(self, index: "torch.Tensor") -> "LinearWeights":
+        """The output rows in `index` (e.g. the heads a mixer replaces)."""
+        return LinearWeights(self.weight[index], None if self.bias is None else self.bias[index])
 
     def copy_to(self, linear: "torch.nn.Linear") -> None:
         """Start `linear` as this projection (a missing bias becomes zeros)."""

@@ -1,0 +1,148 @@
+"""Head-level hybrids of Llama-style attention (RecurFormer): in one layer the kept heads run attention
+and the replaced heads run a mixer; both are joined in head order before the kept output projection.
+
+The kept heads' query rows and the key/value rows of the kv heads they read are sliced out of the
+original projections, so with grouped-query attention a kv head whose query heads are all replaced
+disappears, and the layer's KV cache holds only the kept kv heads. The mixer's state rides in the
+same cache slot.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
+
+from replacer.errors import UnsupportedCallError
+from replacer.graph.adapter import ReplacedAttention, padding_from_attention_mask
+from replacer.graph.site import Site
+from replacer.mixer import Mixer, repeat_state, select_state
+
+
+class HybridCacheLayer(DynamicLayer):
+    """Keys and values of the kept kv heads, plus the mixer's state for the replaced heads."""
+
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.state = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("a recurrent state cannot be rewound; assisted decoding needs attention layers")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.state is not None:
+            self.state = select_state(self.state, beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.state is not None:
+            self.state = select_state(self.state, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.state is not None:
+            self.state = repeat_state(self.state, repeats)
+
+
+def hybrid_cache_layer(cache: Cache, index: int) -> HybridCacheLayer:
+    """The slot for layer `index`, turned into a hybrid one on first use."""
+    if isinstance(cache, EncoderDecoderCache):
+        cache = cache.self_attention_cache
+    while len(cache.layers) <= index:
+        cache.layers.append(cache.layer_class_to_replicate())
+    layer = cache.layers[index]
+    if not isinstance(layer, HybridCacheLayer):
+        if layer.get_seq_length() > 0:
+            raise RuntimeError(f"cache layer {index} already holds keys: it was filled before the site was replaced")
+        layer = cache.layers[index] = HybridCacheLayer()
+    return layer
+
+
+def _rows(linear: nn.Linear, heads: list[int], head_dim: int) -> nn.Linear:
+    """A copy of `linear` with only the output rows of `heads`."""
+    index = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+    sliced = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None,
+                       device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        sliced.weight.copy_(linear.weight[index])
+        if linear.bias is not None:
+            sliced.bias.copy_(linear.bias[index])
+    return sliced
+
+
+class HFHybridAttention(ReplacedAttention):
+    def __init__(self, site: Site, mixer: Mixer, original: nn.Module, replaced: list[int]) -> None:
+        super().__init__(site, mixer, original, kept=("o_proj",))
+        if getattr(original, "q_norm", None) is not None or getattr(original, "sliding_window", None):
+            raise UnsupportedCallError(f"{site.name}: head-level hybrids do not support q/k norms or sliding windows yet")
+        hd, group = site.head_dim, site.num_heads // site.num_kv_heads
+        self.replaced = sorted(replaced)
+        self.kept = [h for h in range(site.num_heads) if h not in set(self.replaced)]
+        self.kept_kv = sorted({h // group for h in self.kept})
+        self.q_proj = _rows(original.q_proj, self.kept, hd)
+        self.k_proj = _rows(original.k_proj, self.kept_kv, hd)
+        self.v_proj = _rows(original.v_proj, self.kept_kv, hd)
+        self.register_buffer("kv_of_kept", torch.tensor([self.kept_kv.index(h // group) for h in self.kept]), persistent=False)
+        self.scaling = original.scaling
+        self.cache_index = original.layer_idx
+        self._rotary = getattr(sys.modules[type(original).__module__], "apply_rotary_pos_emb", None)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, attention heads={self.kept}, mixer heads={self.replaced}, kv heads kept={self.kept_kv}"
+
+    def read_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        call = self.arguments(args, kwargs)
+        x = call["hidden_states"]
+        return x, padding_from_attention_mask(call.get("attention_mask"), x.shape[0], x.shape[1])
+
+    def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        raise UnsupportedCallError(
+            f"site '{self.site.name}' is a head-level hybrid: its kept heads need the layer's position "
+            "embeddings, so it trains end to end only; set distill.enabled to false"
+        )
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
+        from replacer_transformers.adapters import _cache_argument
+
+        x = hidden_states
+        B, N, _ = x.shape
+        hd = self.site.head_dim
+        q = self.q_proj(x).view(B, N, -1, hd).transpose(1, 2)
+        k = self.k_proj(x).view(B, N, -1, hd).transpose(1, 2)
+        v = self.v_proj(x).view(B, N, -1, hd).transpose(1, 2)
+        if position_embeddings is not None and self._rotary is not None:
+            q, k = self._rotary(q, k, *position_embeddings)
+        cache = _cache_argument(kwargs)
+        layer = hybrid_cache_layer(cache, self.cache_index) if cache is not None else None
+        if layer is not None:
+            k, v = layer.update(k, v)
+        k, v = k.index_select(1, self.kv_of_kept), v.index_select(1, self.kv_of_kept)
+        length = k.shape[-2]
+        mask = attention_mask
+        if mask is not None:
+            mask = mask[..., :length]
+        elif N > 1 and length > N:  # a later chunk of a causal prefill
+            mask = torch.ones(N, length, dtype=torch.bool, device=x.device).tril(length - N)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and N > 1, scale=self.scaling
+        ).transpose(1, 2)
+        heads = x.new_zeros(B, N, self.site.num_heads, hd)
+        heads[:, :, self.kept] = attended
+        if self.replaced:
+            padding = padding_from_attention_mask(attention_mask, B, N)
+            if layer is not None:
+                mixed, layer.state = self.mixer.forward_stateful(x, layer.state, padding)
+            else:
+                mixed = self.mixer(x, padding)
+            heads[:, :, self.replaced] = mixed.view(B, N, len(self.replaced), hd)
+        return self.o_proj(heads.reshape(B, N, -1)), None

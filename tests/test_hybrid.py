@@ -1,0 +1,106 @@
+"""Head-level hybrids (RecurFormer) of Llama-style attention: exactness, grouped-query KV cache, decoding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import replacer
+from conftest import tiny_llama
+from replacer_transformers.cache import cache_bytes
+
+
+def model():
+    torch.manual_seed(0)
+    return tiny_llama().eval()  # 4 query heads sharing 2 kv heads
+
+
+def ids(n=7):
+    return torch.randint(1, 100, (2, n), generator=torch.Generator().manual_seed(1))
+
+
+def test_a_hybrid_with_no_replaced_heads_equals_the_original_layer():
+    from replacer_transformers.hybrid import HFHybridAttention
+
+    teacher = model()
+    attn = teacher.model.layers[1].self_attn
+    site = replacer.scan(teacher).site("model.layers.1.self_attn")
+    spec = replacer.get_registry().mixer("lstm")
+    mixer = spec.build(site.heads_subset(1), spec.validate_options({}), None)
+    hybrid = HFHybridAttention(site, mixer, attn, replaced=[])
+    x = torch.randn(2, 7, 32)
+    position = teacher.model.rotary_emb(x, torch.arange(7)[None].expand(2, -1))
+    with torch.no_grad():
+        expected = attn(x, position_embeddings=position, attention_mask=None)[0]
+        got = hybrid(x, position_embeddings=position, attention_mask=None)[0]
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_kept", [([0, 1], 1), ([0], 2), ([1, 2], 2)])
+def test_the_kv_cache_holds_only_kept_kv_heads_and_decoding_matches(heads, kv_kept):
+    student = replacer.replace(model(), "lstm", heads={f"model.layers.{i}.self_attn": heads for i in range(2)})
+    prompt = ids(5)
+    with torch.no_grad():
+        out = student.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+        full = prompt
+        for _ in range(6):
+            full = torch.cat((full, student(full).logits[:, -1:].argmax(-1)), 1)
+        teacher_out = model().generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, full)
+    held, dense = cache_bytes(out.past_key_values), cache_bytes(teacher_out.past_key_values)
+    assert held["kv"] == dense["kv"] * kv_kept // 2
+    assert held["mixer_state"] > 0
+
+
+def test_a_hybrid_model_saves_and_loads(tmp_path):
+    student = replacer.replace(model(), "gru", heads={"model.layers.0.self_attn": [3]})
+    assert [s.name for s in replacer.scan(student).replaced] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    replacer.save(student, tmp_path)
+    loaded = replacer.load(tmp_path, base=tiny_llama())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids()).logits, student(ids()).logits, atol=0, rtol=0)
+    assert loaded.model.layers[0].self_attn.replaced == [3]
+
+
+def test_bad_head_choices_are_refused():
+    with pytest.raises(replacer.SiteSelectionError, match="from 0 to 3"):
+        replacer.replace(model(), "lstm", heads={"model.layers.0.self_attn": [4]})
+    with pytest.raises(replacer.SiteSelectionError, match="not among the selected sites"):
+        replacer.replace(model(), "lstm", sites=[1], heads={"model.layers.0.self_attn": [0]})
+    from conftest import tiny_bert
+
+    with pytest.raises(replacer.SiteSelectionError, match="cannot replace single heads"):
+        replacer.replace(tiny_bert(), "lstm", heads={"encoder.layer.0.attention.self": [0]})
+
+
+def test_a_recipe_replaces_the_most_recent_heads(tmp_path):
+    from replacer.recipe import RecipeError, load_recipe
+    from replacer.run import run_recipe
+
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(f"line {i} of some text about {i % 7} things" for i in range(64)))
+    path = tmp_path / "r.yaml"
+    path.write_text(f"""
+name: hybrid
+run_dir: {tmp_path / 'run'}
+model: {{source: "conftest:tiny_text_llama", tokenizer: minilm, task: causal-lm}}
+data:
+  train: [{{kind: text, source: "file:{texts}", max_length: 16}}]
+  eval: [{{kind: text, source: "file:{texts}", max_length: 16, limit: 16}}]
+  batch_size: 8
+sites: {{policy: recent-heads, fraction: 0.5}}
+analyze: {{batches: 2}}
+distill: {{enabled: false}}
+tune: {{steps: 2}}
+evaluate: {{latency: false, figures: false}}
+""")
+    with pytest.raises(RecipeError, match="set distill.enabled to false"):
+        load_recipe(path, ["distill.enabled=true"])
+    report = run_recipe(load_recipe(path))
+    assert report["stages"]["tune"]["final_loss"] > 0
+    from conftest import tiny_text_llama
+
+    student = replacer.load(tmp_path / "run" / "model", base=tiny_text_llama())
+    replaced = [m for m in student.modules() if isinstance(m, replacer.ReplacedAttention)]
+    heads = [len(m.replaced) if type(m).__name__ == "HFHybridAttention" else 4 for m in replaced]
+    assert sum(heads) == 4  # half of 2 layers x 4 heads (a layer given all its heads is replaced whole)
