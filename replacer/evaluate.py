@@ -48,6 +48,9 @@ def evaluate(
         "mixer_params": {k: mixer_parameters(m) for k, m in models.items()},
         "fidelity": {k: task.compare(teacher_out, outputs(task, m, batches), batches) for k, m in models.items()},
     }
+    footprints = {k: task.cache_footprint(m, batches[0]) for k, m in {"teacher": teacher, **models}.items()}
+    if footprints["teacher"] is not None:
+        result["cache_bytes"] = footprints
     probe = batches[:site_error_batches]
     per_model = {k: analysis.site_similarity(teacher, m, task, probe) for k, m in models.items()}
     result["site_similarity"] = {site: {k: stats[site] for k, stats in per_model.items()} for site in next(iter(per_model.values()))}

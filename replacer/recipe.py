@@ -98,22 +98,29 @@ class MixerChoice(Strict):
 
 
 class SitePolicy(Strict):
-    policy: Literal["sparsest", "densest", "random", "recent-heads"] = Field(
+    policy: Literal["sparsest", "densest", "random", "recent-heads", "random-heads"] = Field(
         description="replace the layers whose teacher attention is sparsest (lowest entropy), densest, or random "
-        "ones; or, in every layer, the heads with the highest recency ratio (RecurFormer: head-level hybrids)"
+        "ones; or single heads (head-level hybrids): those with the highest recency ratio (RecurFormer), or random ones"
     )
     layers: PositiveInt | None = Field(None, description="layer policies: how many layers to replace")
     fraction: float | None = Field(
-        None, gt=0, le=1, description="or: the fraction of layers (layer policies) or of all heads (recent-heads) to replace"
+        None, gt=0, le=1, description="or: the fraction of layers (layer policies) or of all heads (head policies) to replace"
     )
     threshold: float | None = Field(
         None, gt=0, le=1, description="recent-heads: or every head whose recency ratio reaches this"
     )
-    seed: int = Field(0, description="seeds the random policy")
+    seed: int = Field(0, description="seeds the random policies")
+
+    @property
+    def by_heads(self) -> bool:
+        return self.policy.endswith("-heads")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "SitePolicy":
-        if self.policy == "recent-heads":
+        if self.policy == "random-heads":
+            if self.layers is not None or self.threshold is not None or self.fraction is None:
+                raise ValueError("random-heads takes fraction (of all heads)")
+        elif self.policy == "recent-heads":
             if self.layers is not None or (self.threshold is None) == (self.fraction is None):
                 raise ValueError("recent-heads takes exactly one of threshold (a recency ratio) or fraction (of all heads)")
         elif self.threshold is not None or (self.layers is None) == (self.fraction is None):
@@ -231,9 +238,9 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _hybrids_train_end_to_end(self) -> "Recipe":
-        if isinstance(self.sites, SitePolicy) and self.sites.policy == "recent-heads" and self.distill.enabled:
+        if isinstance(self.sites, SitePolicy) and self.sites.by_heads and self.distill.enabled:
             raise ValueError(
-                "sites.policy recent-heads builds head-level hybrids, which train end to end only: "
+                f"sites.policy {self.sites.policy} builds head-level hybrids, which train end to end only: "
                 "set distill.enabled to false (and give tune the steps)"
             )
         return self

@@ -43,6 +43,20 @@ def write_report(folder: Path, recipe: Recipe, task: Task, state: dict, metrics:
     return report
 
 
+def _cache(report: dict[str, Any]) -> list[str]:
+    """What incremental decoding keeps per model after reading the first held-out batch."""
+    held = report.get("cache_bytes")
+    if not held:
+        return []
+    mib = 2.0**20
+    teacher = sum(held["teacher"].values())
+    rows = [[m, b["kv"] / mib, b["mixer_state"] / mib, sum(b.values()) / teacher] for m, b in held.items()]
+    return [
+        "## Decoding cache (after the first held-out batch)",
+        _table(["model", "KV MiB", "mixer state MiB", "x teacher"], rows),
+    ]
+
+
 def _sparse_teacher(report: dict[str, Any]) -> list[str]:
     sparse = report.get("sparse_teacher")
     if not sparse:
@@ -134,6 +148,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         header += [f"CPU ms (batch {size})", "x teacher"]
     parts += ["## Size and speed", _table(header, rows)]
     parts += _pruning(report)
+    parts += _cache(report)
     parts += _teacher_attention(report)
     stage_rows = [[stage, info.get("seconds", float("nan"))] for stage, info in report["stages"].items()]
     parts += ["## Stages", _table(["stage", "seconds"], stage_rows)]

@@ -264,6 +264,10 @@ def run_recipe(
         if (run.path / "figures" / "teacher_attention.png").is_file():
             metrics.setdefault("figures", []).insert(0, "figures/teacher_attention.png")
     metrics["replaced_sites"] = [s.name for s in replacer.scan(student).replaced]
+    metrics["replaced_heads"] = {
+        s.name: list(range(s.num_heads)) if s.name not in (sites.heads or {}) else sites.heads[s.name]
+        for s in replacer.scan(student).replaced
+    }
     return write_report(run.path, recipe, task, run.state, metrics)
 
 

@@ -13,7 +13,7 @@ from replacer.recipe import Recipe, SitePolicy
 
 def needs_analysis(recipe: Recipe) -> bool:
     policy = recipe.sites
-    return recipe.analyze.enabled or (isinstance(policy, SitePolicy) and policy.policy != "random")
+    return recipe.analyze.enabled or (isinstance(policy, SitePolicy) and not policy.policy.startswith("random"))
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,10 @@ def choose_sites(recipe: Recipe, sites: list[Site], statistics: dict | None) -> 
         return Selection(None)
     if not isinstance(policy, SitePolicy):
         return Selection(policy)
-    if statistics is None and policy.policy != "random":
+    if statistics is None and not policy.policy.startswith("random"):
         raise ReplacerError(f"sites.policy {policy.policy} ranks by the teacher's attention: the analysis is missing")
-    if policy.policy == "recent-heads":
-        return _recent_heads(policy, sites, statistics)
+    if policy.by_heads:
+        return _heads(policy, sites, statistics)
     count = policy.layers if policy.layers is not None else max(1, round(policy.fraction * len(sites)))
     if count > len(sites):
         raise ReplacerError(f"sites.layers={count} but the model has {len(sites)} replaceable layers")
@@ -48,12 +48,15 @@ def choose_sites(recipe: Recipe, sites: list[Site], statistics: dict | None) -> 
     return Selection([s.name for s in sorted(chosen, key=lambda s: s.layer_index)])
 
 
-def _recent_heads(policy: SitePolicy, sites: list[Site], statistics: dict) -> Selection:
-    """Heads whose recency ratio passes the threshold, or the given fraction of all heads, most recent first."""
-    ranked = sorted(
-        ((ratio, site.name, head) for site in sites for head, ratio in enumerate(statistics[site.name]["heads"]["recency"])),
-        reverse=True,
-    )
+def _heads(policy: SitePolicy, sites: list[Site], statistics: dict | None) -> Selection:
+    """recent-heads: heads whose recency ratio passes the threshold, or the given fraction of all heads, most
+    recent first. random-heads: the same fraction of heads, drawn with the policy's seed."""
+    every = [(site.name, head) for site in sites for head in range(site.num_heads)]
+    if policy.policy == "random-heads":
+        ranked = [(0.0, name, head) for name, head in random.Random(policy.seed).sample(every, len(every))]
+    else:
+        recency = {(s.name, h): r for s in sites for h, r in enumerate(statistics[s.name]["heads"]["recency"])}
+        ranked = sorted(((recency[key], *key) for key in every), reverse=True)
     if policy.threshold is not None:
         taken = [(name, head) for ratio, name, head in ranked if ratio >= policy.threshold]
     else:

@@ -39,6 +39,10 @@ class Task(abc.ABC):
         """The supervised loss where the batch has labels; None otherwise."""
         return None
 
+    def cache_footprint(self, model: nn.Module, batch: Batch) -> dict[str, int] | None:
+        """Bytes an incremental-decoding cache holds after reading `batch`, by kind; None where there is no cache."""
+        return None
+
     @abc.abstractmethod
     def compare(self, teacher: list[dict], student: list[dict], batches: list[Batch]) -> dict[str, float]:
         """Fidelity (and task metrics where labels exist) over evaluation batches."""
@@ -156,6 +160,14 @@ class CausalLMTask(Task):
 
     def run(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
         return {"logits": model(**batch, use_cache=False).logits}
+
+    @torch.no_grad()
+    def cache_footprint(self, model: nn.Module, batch: Batch) -> dict[str, int]:
+        from replacer_transformers.cache import cache_bytes
+
+        out = model(**batch, use_cache=True)
+        cache = out.get("cache", out.get("past_key_values"))  # renamed to `cache` in transformers 5.2x
+        return cache_bytes(cache)
 
     def distill_loss(self, student: dict, teacher: dict, batch: Batch, temperature: float) -> torch.Tensor:
         return _masked_mean(_kl(student["logits"], teacher["logits"], temperature), batch["attention_mask"].bool())

@@ -98,6 +98,10 @@ evaluate: {{latency: false, figures: false}}
         load_recipe(path, ["distill.enabled=true"])
     report = run_recipe(load_recipe(path))
     assert report["stages"]["tune"]["final_loss"] > 0
+    held = report["cache_bytes"]
+    assert held["distilled"]["mixer_state"] > 0 and held["teacher"]["mixer_state"] == 0
+    assert held["distilled"]["kv"] <= held["teacher"]["kv"]  # kv heads whose query heads all left are gone
+    assert "## Decoding cache" in (tmp_path / "run" / "report.md").read_text()
     from conftest import tiny_text_llama
 
     student = replacer.load(tmp_path / "run" / "model", base=tiny_text_llama())

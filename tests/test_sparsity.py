@@ -154,6 +154,9 @@ def test_site_policies_select_what_they_claim():
     assert choose(SitePolicy(policy="recent-heads", fraction=0.25), recent).heads == {sites[0].name: [0], sites[1].name: [1]}
     with pytest.raises(replacer.ReplacerError, match="lower sites.threshold"):
         choose(SitePolicy(policy="recent-heads", threshold=0.95), recent)
+    drawn = choose(SitePolicy(policy="random-heads", fraction=0.5, seed=1), None).heads
+    assert sum(len(h) for h in drawn.values()) == 4
+    assert drawn == choose(SitePolicy(policy="random-heads", fraction=0.5, seed=1), None).heads
     with pytest.raises(ValueError, match="recent-heads takes exactly one"):
         SitePolicy(policy="recent-heads", layers=2)
     with pytest.raises(ValueError, match="exactly one of layers"):
