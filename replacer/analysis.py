@@ -16,7 +16,7 @@ import contextlib
 import json
 import math
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -355,47 +355,47 @@ def plot_loss_curves(metrics_jsonl: str | Path, path: str | Path, title: str = "
     return _save(fig, path)
 
 
+def _labelled_points(ax, xs: list[float], ys: list[float], labels: list[str], xlabel: str, ylabel: str, joined: bool) -> None:
+    """Points against a parameter count, each with its label; joined by a line for a series."""
+    from matplotlib.ticker import EngFormatter
+
+    if joined:
+        ax.plot(xs, ys, marker="o", color="tab:blue", zorder=3)
+    else:
+        ax.scatter(xs, ys, s=40, color="tab:blue", zorder=3)
+    for label, x, y in zip(labels, xs, ys):
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 5), fontsize="small")
+    ax.xaxis.set_major_formatter(EngFormatter())
+    ax.yaxis.get_major_formatter().set_useOffset(False)
+    ax.margins(x=0.15, y=0.15)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
 def plot_accuracy_vs_params(
     points: Sequence[Mapping[str, object]], path: str | Path, metric_name: str, title: str | None = None
 ) -> Path:
     """A labelled scatter of `value` against `params`, e.g. pruning budgets or teacher vs students."""
-    from matplotlib.ticker import EngFormatter
-
     fig = _figure(6.5, 4.5)
     ax = fig.add_subplot()
-    params = [float(p["params"]) for p in points]
-    values = [float(p["value"]) for p in points]
-    ax.scatter(params, values, s=40, color="tab:blue", zorder=3)
-    for p, x, y in zip(points, params, values):
-        ax.annotate(str(p["label"]), (x, y), textcoords="offset points", xytext=(6, 5), fontsize="small")
-    ax.xaxis.set_major_formatter(EngFormatter())
-    ax.yaxis.get_major_formatter().set_useOffset(False)
-    ax.margins(x=0.15, y=0.15)
-    ax.set_xlabel("parameters")
-    ax.set_ylabel(metric_name)
-    ax.grid(alpha=0.3)
+    _labelled_points(ax, [float(p["params"]) for p in points], [float(p["value"]) for p in points],
+                     [str(p["label"]) for p in points], "parameters", metric_name, joined=False)
     ax.set_title(title or f"{metric_name} vs parameters")
     return _save(fig, path)
 
 
-def plot_budgets(rows: Sequence[Mapping[str, float]], path: str | Path, metric_name: str) -> Path:
+def plot_budgets(rows: Sequence[Mapping[str, Any]], path: str | Path, metric_name: str) -> Path:
     """Pruning budgets side by side: quality and CPU latency against the mixers' parameter count."""
-    from matplotlib.ticker import EngFormatter
-
     fig = _figure(10, 4)
     params = [float(r["mixer_params"]) for r in rows]
-    panels = [("value", metric_name), ("latency_ms", "CPU ms (batch 1)" if rows and "latency_ms" in rows[0] else "")]
-    for i, (key, label) in enumerate(p for p in panels if p[1]):
-        ax = fig.add_subplot(1, 2, i + 1)
-        ax.plot(params, [float(r[key]) for r in rows], marker="o", color="tab:blue")
-        for r, x in zip(rows, params):
-            ax.annotate(str(r["label"]), (x, float(r[key])), textcoords="offset points", xytext=(5, 5), fontsize="small")
-        ax.xaxis.set_major_formatter(EngFormatter())
-        ax.yaxis.get_major_formatter().set_useOffset(False)
-        ax.margins(x=0.15, y=0.15)
-        ax.set_xlabel("mixer parameters")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
+    labels = [str(r["label"]) for r in rows]
+    panels = [("value", metric_name)]
+    if rows and "latency_ms" in rows[0]:
+        panels.append(("latency_ms", f"CPU ms (batch {rows[0]['latency_batch']})"))
+    for i, (key, label) in enumerate(panels):
+        _labelled_points(fig.add_subplot(1, 2, i + 1), params, [float(r[key]) for r in rows], labels,
+                         "mixer parameters", label, joined=True)
     fig.suptitle("Pruning budgets")
     return _save(fig, path)
 

@@ -101,11 +101,11 @@ def budget_rows(metrics: dict[str, Any], task: Task) -> list[dict[str, Any]]:
     names = [k for k in metrics["fidelity"] if k == "distilled" or k.startswith("pruned-")]
     if not any(k.startswith("pruned-") for k in names):
         return []
-    latency = next(iter(metrics.get("latency_ms", {}).values()), None)
+    size, latency = next(iter(metrics.get("latency_ms", {}).items()), (None, None))
     rows = []
     for name in names:
         row = {"label": name, "mixer_params": metrics["mixer_params"][name], "value": task.quality(metrics["fidelity"][name])[2]}
         if latency:
-            row["latency_ms"] = latency[name]
+            row["latency_ms"], row["latency_batch"] = latency[name], size
         rows.append(row)
     return rows

@@ -126,11 +126,11 @@ class HFReplacedAttention(ReplacedAttention):
         x, padding = self._read(call)
         cache = _cache_argument(call)
         if cache is not None and self.mixer.causal:
-            from replacer_transformers.cache import mixer_state_layer
+            from replacer_transformers.cache import state_slot
 
             if self.cache_index is None:
                 raise UnsupportedCallError(f"site '{self.site.name}' got a cache but has no layer index to key it")
-            layer = mixer_state_layer(cache, self.cache_index)
+            layer = state_slot(cache, self.cache_index)
             y, layer.state = self.mixer.forward_stateful(x, layer.state, padding)
             layer.seen += x.shape[1]
             return self.project(y), None

@@ -1,12 +1,14 @@
 """Mixer state inside a transformers `Cache`, so `generate()` carries it like it carries keys and values.
 
 A replaced causal layer swaps its cache slot for a `MixerStateLayer`: it holds the mixer's state
-instead of a growing key/value tensor, and reports how many tokens it has consumed, so the model's
+instead of a growing key/value tensor (a head-level hybrid's `HybridCacheLayer` holds both), and reports how many tokens it has consumed, so the model's
 position and mask bookkeeping (which read the cache's sequence length) stay right even when every
 attention layer is replaced.
 """
 
 from __future__ import annotations
+
+from typing import TypeVar
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
@@ -57,8 +59,43 @@ class MixerStateLayer(DynamicLayer):
         pass  # the state moves back to the mixer's device on first use
 
 
-def mixer_state_layer(cache: Cache, index: int) -> MixerStateLayer:
-    """The state slot for layer `index`, installed on first use."""
+class HybridCacheLayer(DynamicLayer):
+    """A head-level hybrid's slot: keys and values of the kept kv heads, plus the mixer's state."""
+
+    is_croppable = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: MixerState | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.state = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise RuntimeError("a recurrent state cannot be rewound; assisted decoding needs attention layers")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.state is not None:
+            self.state = select_state(self.state, beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.state is not None:
+            self.state = select_state(self.state, indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.state is not None:
+            self.state = repeat_state(self.state, repeats)
+
+
+SlotT = TypeVar("SlotT", MixerStateLayer, HybridCacheLayer)
+
+
+def state_slot(cache: Cache, index: int, kind: type[SlotT] = MixerStateLayer) -> SlotT:
+    """Layer `index`'s slot, turned into `kind` on first use (before it holds any keys)."""
     if isinstance(cache, EncoderDecoderCache):
         cache = cache.self_attention_cache
     while len(cache.layers) <= index:
@@ -66,10 +103,10 @@ def mixer_state_layer(cache: Cache, index: int) -> MixerStateLayer:
             raise RuntimeError(f"the cache has {len(cache.layers)} layers; layer {index} is out of range")
         cache.layers.append(cache.layer_class_to_replicate())
     layer = cache.layers[index]
-    if not isinstance(layer, MixerStateLayer):
+    if not isinstance(layer, kind):
         if layer.get_seq_length() > 0:
             raise RuntimeError(f"cache layer {index} already holds keys: it was filled before the site was replaced")
-        layer = cache.layers[index] = MixerStateLayer()
+        layer = cache.layers[index] = kind()
     return layer
 
 

@@ -14,58 +14,12 @@ import sys
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.cache_utils import Cache, DynamicLayer, EncoderDecoderCache
 
 from replacer.errors import UnsupportedCallError
 from replacer.graph.adapter import ReplacedAttention, padding_from_attention_mask
 from replacer.graph.site import Site
-from replacer.mixer import Mixer, repeat_state, select_state
-
-
-class HybridCacheLayer(DynamicLayer):
-    """Keys and values of the kept kv heads, plus the mixer's state for the replaced heads."""
-
-    is_croppable = False
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.state = None
-
-    def reset(self) -> None:
-        super().reset()
-        self.state = None
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise RuntimeError("a recurrent state cannot be rewound; assisted decoding needs attention layers")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        if self.state is not None:
-            self.state = select_state(self.state, beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        if self.state is not None:
-            self.state = select_state(self.state, indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        if self.state is not None:
-            self.state = repeat_state(self.state, repeats)
-
-
-def hybrid_cache_layer(cache: Cache, index: int) -> HybridCacheLayer:
-    """The slot for layer `index`, turned into a hybrid one on first use."""
-    if isinstance(cache, EncoderDecoderCache):
-        cache = cache.self_attention_cache
-    while len(cache.layers) <= index:
-        cache.layers.append(cache.layer_class_to_replicate())
-    layer = cache.layers[index]
-    if not isinstance(layer, HybridCacheLayer):
-        if layer.get_seq_length() > 0:
-            raise RuntimeError(f"cache layer {index} already holds keys: it was filled before the site was replaced")
-        layer = cache.layers[index] = HybridCacheLayer()
-    return layer
+from replacer.mixer import Mixer
+from replacer_transformers.cache import HybridCacheLayer, state_slot
 
 
 def _rows(linear: nn.Linear, heads: list[int], head_dim: int) -> nn.Linear:
@@ -123,7 +77,7 @@ class HFHybridAttention(ReplacedAttention):
         if position_embeddings is not None and self._rotary is not None:
             q, k = self._rotary(q, k, *position_embeddings)
         cache = _cache_argument(kwargs)
-        layer = hybrid_cache_layer(cache, self.cache_index) if cache is not None else None
+        layer = state_slot(cache, self.cache_index, HybridCacheLayer) if cache is not None else None
         if layer is not None:
             k, v = layer.update(k, v)
         k, v = k.index_select(1, self.kv_of_kept), v.index_select(1, self.kv_of_kept)
