@@ -247,9 +247,9 @@ def run_recipe(
                     recipe.evaluate.site_error_batches,
                 )
                 advance()
+            if recipe.sparsify.enabled:  # what sparsifying cost the teacher itself
+                metrics["sparse_teacher"] = task.compare(outputs(task, dense, batches), outputs(task, teacher, batches), batches)
             if recipe.evaluate.figures:
-                if recipe.sparsify.enabled:  # what sparsifying cost the teacher itself
-                    metrics["sparse_teacher"] = task.compare(outputs(task, dense, batches), outputs(task, teacher, batches), batches)
                 figures = write_figures(run.path / "figures", metrics, dense, student, task, batches[0], run.path / "metrics.jsonl")
                 metrics["figures"] = [str(f.relative_to(run.path)) for f in figures]
             (run.path / "evaluation.json").write_text(json.dumps(metrics, indent=2))

@@ -57,7 +57,8 @@ def test_a_recipe_distills_from_a_sparsified_teacher(tmp_path):
     from replacer.run import run_recipe
 
     path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
-    recipe = load_recipe(path, ["sparsify.enabled=true", "sparsify.top_k=2", "sparsify.recovery_steps=3"])
+    recipe = load_recipe(path, ["sparsify.enabled=true", "sparsify.top_k=2", "sparsify.recovery_steps=3",
+                                "evaluate.figures=false"])
     report = run_recipe(recipe)
     assert list(report["stages"])[:2] == ["sparsify", "distill"]
     assert 0 < report["sparse_teacher"]["embedding_cosine_mean"] < 1.0
