@@ -184,3 +184,21 @@ def test_a_recipe_prunes_to_every_budget_and_reports_them(tmp_path):
     assert report["stages"]["distill"] == json.loads((run / "state.json").read_text())["stages"]["distill"]
     assert set(report["mixer_params"]) == {"distilled", "pruned-60", "undistilled"}
     assert not (run / "students" / "pruned-50").exists()
+
+
+def test_the_hoyer_importance_trains_with_the_penalty_before_cutting(tmp_path):
+    from test_run import tiny_text_recipe
+
+    from replacer.recipe import load_recipe
+    from replacer.run import run_recipe
+
+    path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
+    recipe = load_recipe(path, ["prune.enabled=true", "prune.budgets=[0.7]", "prune.importance=hoyer",
+                                "prune.hoyer_steps=4", "prune.hoyer_weight=0.1", "prune.recovery_steps=1",
+                                "evaluate.figures=false", "evaluate.baseline=false"])
+    report = run_recipe(recipe)
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r.get("stage") == "hoyer"] == [1, 2, 3, 4]
+    assert (run / "students" / "hoyer" / "manifest.json").is_file()
+    assert report["mixer_params"]["pruned-70"] <= 0.7 * report["mixer_params"]["distilled"]
