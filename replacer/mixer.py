@@ -25,12 +25,14 @@ class PruneGroup:
     LSTM unit: its gate columns of the input and recurrent weights, its row of the recurrent weights
     and its row of the merge map). Removing a group deletes exactly those rows and columns. Groups of
     one `family` (for example the units of one head and direction) are never all removed, so every
-    structure keeps at least one member.
+    structure keeps at least one member. Families of one `kind` (the unit families of every head and
+    direction of a site) can be cut in lockstep, which keeps their widths equal.
     """
 
     name: str
     family: str
     slices: tuple[tuple[str, int, tuple[int, ...]], ...]
+    kind: str = ""
 
 
 class Mixer(nn.Module, abc.ABC):

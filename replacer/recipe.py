@@ -196,6 +196,10 @@ class PruneSpec(Strict):
         description="how groups are ranked (globally, across sites): weight norm, first-order Taylor on "
         "distillation batches, or weight norm after training with FAR's Hoyer-square group penalty",
     )
+    uniform: bool = Field(
+        False, description="cut every head and direction of a site by the same number of units (equal widths: "
+        "compute falls with parameters) instead of ranking single units"
+    )
     taylor_batches: PositiveInt = Field(8, description="batches whose gradients the taylor importance sums")
     hoyer_weight: float = Field(1e-3, gt=0, description="weight of the Hoyer-square penalty (importance hoyer)")
     hoyer_steps: int = Field(100, ge=1, description="end-to-end steps with the penalty before ranking (importance hoyer)")
@@ -259,12 +263,16 @@ class Recipe(Strict):
         return self.run_dir or Path("runs") / self.name
 
     def fingerprint(self) -> str:
-        """What makes two runs the same run: everything up to tuning (the run dir and `LATER` excluded)."""
-        return _digest(self.model_dump(mode="json", exclude={"run_dir", *LATER}))
+        """What makes two runs the same run: every setting up to tuning (the run dir and `LATER` excluded).
+
+        Settings left at their defaults are left out, so a newer replacer that adds a field (with a
+        default) still resumes runs made before it.
+        """
+        return _digest(self.model_dump(mode="json", exclude={"run_dir", *LATER}, exclude_defaults=True))
 
     def section_fingerprints(self) -> dict[str, str]:
         """The sections of stages that may change on a finished run: each reruns its stage and the ones after."""
-        return {section: _digest(getattr(self, section).model_dump(mode="json")) for section in LATER}
+        return {section: _digest(getattr(self, section).model_dump(mode="json", exclude_defaults=True)) for section in LATER}
 
 
 LATER = ("prune", "evaluate", "export")

@@ -151,14 +151,14 @@ class MultiHeadRecurrence(ScanMixer):
                     (f"weight_ih.{g}", 1, gates), (f"weight_hh.{g}", 0, (unit,)), (f"weight_hh.{g}", 1, gates),
                     (f"merge_weight.{g}", 0, (unit,)), *((f"{name}.{g}", 0, gates) for name in self.gate_vectors),
                 ]
-                groups.append(PruneGroup(f"unit {direction}.{head}.{unit}", f"units {direction}.{head}", tuple(slices)))
+                groups.append(PruneGroup(f"unit {direction}.{head}.{unit}", f"units {direction}.{head}", tuple(slices), "units"))
         start = 0
         for head, channels in enumerate(self.input_widths):
             for i in range(channels):
                 row = (start + i,)
                 slices = [("in_proj.weight", 0, row), ("in_proj.bias", 0, row)]
                 slices += [(f"weight_ih.{d * H + head}", 0, (i,)) for d in range(self.directions)]
-                groups.append(PruneGroup(f"input {head}.{i}", f"inputs {head}", tuple(slices)))
+                groups.append(PruneGroup(f"input {head}.{i}", f"inputs {head}", tuple(slices), "inputs"))
             start += channels
         return groups
 

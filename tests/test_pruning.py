@@ -202,3 +202,20 @@ def test_the_hoyer_importance_trains_with_the_penalty_before_cutting(tmp_path):
     assert [r["step"] for r in rows if r.get("stage") == "hoyer"] == [1, 2, 3, 4]
     assert (run / "students" / "hoyer" / "manifest.json").is_file()
     assert report["mixer_params"]["pruned-70"] <= 0.7 * report["mixer_params"]["distilled"]
+
+
+@pytest.mark.parametrize("plugin", ["lstm", "ssm"])
+def test_uniform_pruning_keeps_every_head_equally_wide(plugin):
+    model = student(plugin, tiny_llama)
+    result = prune(model, params=0.6 if plugin == "lstm" else 0.85, uniform=True)
+    assert result.mixer_params_after <= round((0.6 if plugin == "lstm" else 0.85) * result.mixer_params_before)
+    for layer in model.model.layers:
+        mixer = layer.self_attn.mixer
+        if plugin == "lstm":
+            assert len(set(mixer.widths)) == 1 and len(set(mixer.input_widths)) == 1
+            assert mixer.hidden < 8 or mixer.input_widths[0] < 8
+        else:
+            heads = torch.bincount(torch.div(mixer.channels, mixer.head_dim, rounding_mode="floor"))
+            assert len(set(heads.tolist())) == 1 and int(heads[0]) < mixer.head_dim
+    with torch.no_grad():
+        assert model(torch.randint(1, 100, (2, 5))).logits.shape == (2, 5, 100)

@@ -116,7 +116,9 @@ class MultiHeadSSM(ScanMixer):
         if self.conv_kernel:
             per_channel += [("conv_weight", 1), ("conv_bias", 1)]
         return [
-            PruneGroup(f"channel {int(c)}", f"channels {int(c) // self.head_dim}", tuple((n, dim, (i,)) for n, dim in per_channel))
+            PruneGroup(
+                f"channel {int(c)}", f"channels {int(c) // self.head_dim}", tuple((n, dim, (i,)) for n, dim in per_channel), "channels"
+            )
             for i, c in enumerate(self.channels)
         ]
 

@@ -9,6 +9,7 @@ same cache slot.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import torch
@@ -20,6 +21,25 @@ from replacer.graph.adapter import ReplacedAttention, padding_from_attention_mas
 from replacer.graph.site import Site
 from replacer.mixer import Mixer
 from replacer_transformers.cache import HybridCacheLayer, state_slot
+
+
+@functools.cache
+def _xformers_ops():
+    try:
+        import xformers.ops
+    except ImportError:
+        return None
+    return xformers.ops
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+    """Attention of the kept heads, `(B, heads, N, hd)` in, `(B, N, heads, hd)` out: xformers' memory-efficient
+    kernel on CUDA when it is installed and no mask is needed, PyTorch SDPA otherwise (and always on the CPU)."""
+    ops = _xformers_ops() if q.is_cuda and mask is None else None
+    if ops is not None:
+        bias = ops.LowerTriangularMask() if causal else None
+        return ops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale).transpose(1, 2)
 
 
 def _rows(linear: nn.Linear, heads: list[int], head_dim: int) -> nn.Linear:
@@ -87,9 +107,7 @@ class HFHybridAttention(ReplacedAttention):
             mask = mask[..., :length]
         elif N > 1 and length > N:  # a later chunk of a causal prefill
             mask = torch.ones(N, length, dtype=torch.bool, device=x.device).tril(length - N)
-        attended = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and N > 1, scale=self.scaling
-        ).transpose(1, 2)
+        attended = attend(q, k, v, mask, causal=mask is None and N > 1, scale=self.scaling)
         heads = x.new_zeros(B, N, self.site.num_heads, hd)
         heads[:, :, self.kept] = attended
         if self.replaced:

@@ -40,12 +40,15 @@ def prune(
     params: float | int,
     importance: Importance = "magnitude",
     losses: Iterable[Callable[[], torch.Tensor]] | None = None,
+    uniform: bool = False,
 ) -> PruneResult:
     """Shrink `model`'s mixers in place to `params`: a fraction (0, 1] of their current parameters, or a count.
 
     `importance`: `magnitude` (group L2 norm; after Hoyer-regularised training this is FAR's single
     threshold across layers, hence `hoyer` ranks the same way) or `taylor`, which needs `losses`
     (callables returning a loss on one batch) to estimate each group's effect on the loss.
+    `uniform` cuts every head and direction of a site by the same number of members, so widths stay
+    equal and compute falls with parameters (ranking single groups keeps more of what matters).
     """
     if getattr(model, "replacer_record", None) is None:
         raise ReplacerError("prune works on models returned by replacer.replace (or replacer.load)")
@@ -65,7 +68,7 @@ def prune(
         scores = magnitude(index)
     else:
         raise ReplacerError(f"unknown importance {importance!r}; choose magnitude, taylor or hoyer")
-    remove = choose(index, scores, target)
+    remove = choose(index, scores, target, uniform)
     model.replacer_record.setdefault("shapes", {}).update(shrink(model, index, remove))
     return PruneResult(
         mixer_params_before=before,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 
 import torch
 
@@ -10,9 +10,15 @@ from replacer.errors import ReplacerError
 from replacer.pruning.groups import GroupIndex, ParameterCount
 
 
-def choose(index: GroupIndex, scores: torch.Tensor, target_params: int) -> list[int]:
+def choose(index: GroupIndex, scores: torch.Tensor, target_params: int, uniform: bool = False) -> list[int]:
     """The least important groups, across all sites at once, whose removal brings the mixers' parameters
-    to `target_params` or below. The last group of each family (one head's units, ...) always stays."""
+    to `target_params` or below. The last group of each family (one head's units, ...) always stays.
+
+    `uniform`: cut the families of one kind at a site in lockstep (each loses its own least important
+    member), so they keep equal widths and the site's compute shrinks with its parameters.
+    """
+    if uniform:
+        return _choose_in_lockstep(index, scores, target_params)
     count = ParameterCount(index)
     family = [(site, group.family) for site, group in zip(index.sites, index.groups)]
     members = Counter(family)
@@ -25,9 +31,37 @@ def choose(index: GroupIndex, scores: torch.Tensor, target_params: int) -> list[
         members[family[gid]] -= 1
         count.remove(gid)
         remove.append(gid)
+    _check_reached(count, target_params)
+    return remove
+
+
+def _choose_in_lockstep(index: GroupIndex, scores: torch.Tensor, target_params: int) -> list[int]:
+    """Steps of one member per family of a (site, kind), ranked globally by the members' summed scores."""
+    score = scores.detach().cpu().tolist()
+    families: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for gid, (site, group) in enumerate(zip(index.sites, index.groups)):
+        families[(site, group.kind or group.family)][group.family].append(gid)
+    steps = []
+    for key, members in families.items():
+        ranked = [sorted(gids, key=score.__getitem__) for gids in members.values()]
+        for depth in range(min(len(r) for r in ranked) - 1):  # every family keeps one member
+            gids = [r[depth] for r in ranked]
+            steps.append((sum(score[g] for g in gids), depth, key, gids))
+    count = ParameterCount(index)
+    remove: list[int] = []
+    for _, _, _, gids in sorted(steps, key=lambda step: step[:2]):  # a kind's steps come in depth order
+        if count.total <= target_params:
+            break
+        for gid in gids:
+            count.remove(gid)
+        remove.extend(gids)
+    _check_reached(count, target_params)
+    return remove
+
+
+def _check_reached(count: ParameterCount, target_params: int) -> None:
     if count.total > target_params:
         raise ReplacerError(
             f"cannot prune the mixers to {target_params:,} parameters: {count.total:,} remain when every structure "
             "keeps one member; ask for a larger budget"
         )
-    return remove

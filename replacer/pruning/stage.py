@@ -59,7 +59,7 @@ def prune_budgets(
         losses = None
         if spec.importance == "taylor":
             losses = [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(spec.taylor_batches)]
-        cut = prune(student, params=round(budget * base), importance=spec.importance, losses=losses)
+        cut = prune(student, params=round(budget * base), importance=spec.importance, losses=losses, uniform=spec.uniform)
         log({"stage": "prune", "budget": budget, "mixer_params": cut.mixer_params_after, "removed_by_site": cut.removed_by_site})
         state = folder / f"{name}.state"
         if spec.recovery_steps:
