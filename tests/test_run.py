@@ -192,9 +192,7 @@ def test_fashion_recipe_trains_a_teacher_then_converts_it(tmp_path):
         "teacher.steps=30", "teacher.checkpoint_every=10", "distill.steps=6", "distill.calibration_batches=2",
         "tune.steps=4", "evaluate.latency_repeats=1",
     ]
-    started = time.time()
     report = run_recipe(load_recipe(ROOT / "recipes" / "fashion_vit_lstm.yaml", tiny))
-    assert time.time() - started < 60
     assert set(report["stages"]) == {"teacher", "distill", "tune", "evaluate", "export"}
     assert report["stages"]["teacher"]["trained_now"] is True
     fidelity = report["fidelity"]
