@@ -13,6 +13,7 @@ from replacer.errors import UnsupportedCallError
 from replacer.graph.adapter import Adapter, ReplacedAttention, Unsupported, padding_from_attention_mask
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import Mixer
+from replacer_transformers.cache import cache_from_call
 
 
 def _from_transformers(module: nn.Module) -> bool:
@@ -33,16 +34,6 @@ def _expand_kv_heads(weight: torch.Tensor, kv_heads: int, heads: int) -> torch.T
 def _rope_note(module: nn.Module) -> str:
     takes_rope = "position_embeddings" in inspect.signature(module.forward).parameters
     return "rotary position embedding dropped: the recurrence carries order" if takes_rope else ""
-
-
-def _cache_argument(call: dict):
-    """The layer's cache: transformers >= 5.2x passes it as `cache`, earlier 5.x as `past_key_values`."""
-    extra = call.get("kwargs") or {}
-    for key in ("cache", "past_key_values"):
-        found = call.get(key, extra.get(key))
-        if found is not None:
-            return found
-    return None
 
 
 @contextlib.contextmanager
@@ -124,7 +115,7 @@ class HFReplacedAttention(ReplacedAttention):
     def forward(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
         call = self.arguments(args, kwargs)
         x, padding = self._read(call)
-        cache = _cache_argument(call)
+        cache = cache_from_call(call)
         if cache is not None and self.mixer.causal:
             from replacer_transformers.cache import state_slot
 

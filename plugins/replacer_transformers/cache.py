@@ -127,3 +127,13 @@ def cache_argument_name(model: torch.nn.Module) -> str:
     import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_from_call(call: dict) -> Cache | None:
+    """The layer's cache: transformers >= 5.2x passes it as `cache`, earlier 5.x as `past_key_values`."""
+    extra = call.get("kwargs") or {}
+    for key in ("cache", "past_key_values"):
+        found = call.get(key, extra.get(key))
+        if found is not None:
+            return found
+    return None

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from replacer.errors import UnsupportedCallError
-from replacer.graph.adapter import ReplacedAttention, padding_from_attention_mask
+from replacer.graph.adapter import ReplacedAttention, Unsupported, padding_from_attention_mask
 from replacer.graph.site import Site
 from replacer.mixer import Mixer
-from replacer_transformers.cache import HybridCacheLayer, state_slot
+from replacer_transformers.cache import HybridCacheLayer, cache_from_call, state_slot
 
 
 @functools.cache
@@ -55,10 +55,12 @@ def _rows(linear: nn.Linear, heads: list[int], head_dim: int) -> nn.Linear:
 
 
 class HFHybridAttention(ReplacedAttention):
+    """One Llama-style layer with `replaced` heads on a mixer and the other heads on attention."""
+
     def __init__(self, site: Site, mixer: Mixer, original: nn.Module, replaced: list[int]) -> None:
         super().__init__(site, mixer, original, kept=("o_proj",))
         if getattr(original, "q_norm", None) is not None or getattr(original, "sliding_window", None):
-            raise UnsupportedCallError(f"{site.name}: head-level hybrids do not support q/k norms or sliding windows yet")
+            raise Unsupported(f"{site.name}: head-level hybrids do not support q/k norms or sliding windows yet")
         hd, group = site.head_dim, site.num_heads // site.num_kv_heads
         self.replaced = sorted(replaced)
         self.kept = [h for h in range(site.num_heads) if h not in set(self.replaced)]
@@ -86,8 +88,6 @@ class HFHybridAttention(ReplacedAttention):
         )
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
-        from replacer_transformers.adapters import _cache_argument
-
         x = hidden_states
         B, N, _ = x.shape
         hd = self.site.head_dim
@@ -96,7 +96,7 @@ class HFHybridAttention(ReplacedAttention):
         v = self.v_proj(x).view(B, N, -1, hd).transpose(1, 2)
         if position_embeddings is not None and self._rotary is not None:
             q, k = self._rotary(q, k, *position_embeddings)
-        cache = _cache_argument(kwargs)
+        cache = cache_from_call(kwargs)
         layer = state_slot(cache, self.cache_index, HybridCacheLayer) if cache is not None else None
         if layer is not None:
             k, v = layer.update(k, v)
