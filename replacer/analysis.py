@@ -94,9 +94,10 @@ def site_similarity(
     """Per replaced site: CKA, mean per-token cosine and relative squared error of the student's mixer
     against the teacher's site output, both on the teacher's own site inputs (so errors do not compound).
 
-    Cosine and relative error use every real token; CKA uses the bounded sample.
+    Cosine and relative error use every real token; CKA uses the bounded sample. Head-level hybrids,
+    which cannot run from their input alone, are left out (the per-layer CKA covers them).
     """
-    wrappers = site_wrappers(student)
+    wrappers = {name: w for name, w in site_wrappers(student).items() if w.mixes_alone}
     teacher.eval()
     student.eval()
     sampler = _Sampler(max_tokens, len(batches))

@@ -76,16 +76,18 @@ def write_figures(
     written = []
     if metrics_jsonl.is_file() and analysis.read_losses(metrics_jsonl):  # worker processes log no steps
         written.append(analysis.plot_loss_curves(metrics_jsonl, folder / "loss_curves.png"))
-    per_site = {k: {site: v[k] for site, v in metrics["site_similarity"].items()} for k in metrics["layer_cka"]}
-    written.append(analysis.plot_layer_similarity(
-        per_site, folder / "site_similarity.png", title="Each replaced site on the teacher's inputs"))
+    sites = list(metrics["site_similarity"])  # sites that run from their input alone (not hybrids)
+    if sites:
+        per_site = {k: {site: v[k] for site, v in metrics["site_similarity"].items()} for k in metrics["layer_cka"]}
+        written.append(analysis.plot_layer_similarity(
+            per_site, folder / "site_similarity.png", title="Each replaced site on the teacher's inputs"))
+        middle = sites[len(sites) // 2]
+        count = min(examples, next(iter(batch.values())).shape[0])
+        pairs = [(*analysis.token_similarity(teacher, student, task, batch, middle, i), f"example {i}") for i in range(count)]
+        written.append(analysis.plot_token_similarity(
+            pairs, folder / "token_similarity.png", title=f"Token-to-token cosine similarity at {middle}"))
     written.append(analysis.plot_layer_similarity(
         metrics["layer_cka"], folder / "layer_cka.png", title="Hidden states after each block (errors compound)"))
-    sites = list(metrics["site_similarity"])
-    middle = sites[len(sites) // 2]
-    count = min(examples, next(iter(batch.values())).shape[0])
-    pairs = [(*analysis.token_similarity(teacher, student, task, batch, middle, i), f"example {i}") for i in range(count)]
-    written.append(analysis.plot_token_similarity(pairs, folder / "token_similarity.png", title=f"Token-to-token cosine similarity at {middle}"))
     name, teacher_value, _ = task.quality(next(iter(metrics["fidelity"].values())))
     points = [{"label": "teacher", "params": metrics["params"]["teacher"], "value": teacher_value}]
     points += [{"label": k, "params": metrics["params"][k], "value": task.quality(f)[2]} for k, f in metrics["fidelity"].items()]

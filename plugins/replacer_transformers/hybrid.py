@@ -57,6 +57,8 @@ def _rows(linear: nn.Linear, heads: list[int], head_dim: int) -> nn.Linear:
 class HFHybridAttention(ReplacedAttention):
     """One Llama-style layer with `replaced` heads on a mixer and the other heads on attention."""
 
+    mixes_alone = False
+
     def __init__(self, site: Site, mixer: Mixer, original: nn.Module, replaced: list[int]) -> None:
         super().__init__(site, mixer, original, kept=("o_proj",))
         if getattr(original, "q_norm", None) is not None or getattr(original, "sliding_window", None):

@@ -61,6 +61,10 @@ class ReplacedAttention(nn.Module):
     path) and `forward`. Distillation uses `read_call` on the teacher's calls and `mix` to train.
     """
 
+    mixes_alone: bool = True
+    """`mix(x, padding)` reproduces the site from its input alone. Block-wise distillation and per-site
+    analyses need it; a head-level hybrid (whose kept heads need position embeddings) does not have it."""
+
     def __init__(self, site: Site, mixer: Mixer, original: nn.Module, kept: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.site = site
