@@ -241,15 +241,6 @@ class Recipe(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec, description="the final model as safetensors + manifest")
 
     @model_validator(mode="after")
-    def _hybrids_train_end_to_end(self) -> "Recipe":
-        if isinstance(self.sites, SitePolicy) and self.sites.by_heads and self.distill.enabled:
-            raise ValueError(
-                f"sites.policy {self.sites.policy} builds head-level hybrids, which train end to end only: "
-                "set distill.enabled to false (and give tune the steps)"
-            )
-        return self
-
-    @model_validator(mode="after")
     def _trained_teacher_starts_from_scratch(self) -> "Recipe":
         if self.teacher.train and (self.model.pretrained or self.model.checkpoint is not None):
             raise ValueError(

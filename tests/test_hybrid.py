@@ -62,19 +62,55 @@ def test_a_hybrid_model_saves_and_loads(tmp_path):
     assert loaded.model.layers[0].self_attn.replaced == [3]
 
 
+@pytest.mark.parametrize("factory, site, call", [
+    ("tiny_bert", "encoder.layer.1.attention.self", "text"),
+    ("tiny_vit", "vit.layers.1.attention", "image"),
+])
+def test_encoder_hybrids_equal_the_original_with_no_replaced_heads_and_mix_alone(factory, site, call):
+    import conftest
+    from replacer_transformers.hybrid import HFHybridAttention
+
+    torch.manual_seed(0)
+    teacher = getattr(conftest, factory)().eval()
+    inputs = {"input_ids": ids(), "attention_mask": torch.tensor([[1] * 7, [1] * 5 + [0] * 2])} if call == "text" \
+        else {"pixel_values": torch.randn(2, 3, 32, 32)}
+    found = replacer.scan(teacher).site(site)
+    spec = replacer.get_registry().mixer("lstm")
+    original = teacher.get_submodule(site)
+    projections, kept = (("query", "key", "value"), ()) if call == "text" else (("q_proj", "k_proj", "v_proj"), ("o_proj",))
+    hybrid = HFHybridAttention(found, spec.build(found.heads_subset(1), spec.validate_options({}), None), original, [],
+                               projections, kept).eval()
+    seen = {}
+    original.register_forward_hook(lambda m, a, k, o: seen.update(a=a, k=k, o=o) and None, with_kwargs=True)
+    with torch.no_grad():
+        teacher(**inputs)
+        again = hybrid(*seen["a"], **seen["k"])[0]
+    torch.testing.assert_close(again, seen["o"][0], atol=1e-5, rtol=1e-5)
+
+    student = replacer.replace(teacher, "lstm", heads={site: [0, 2]}).eval()
+    wrapper = student.get_submodule(site)
+    assert wrapper.mixes_alone
+    seen.clear()
+    wrapper.register_forward_hook(lambda m, a, k, o: seen.update(a=a, k=k, o=o) and None, with_kwargs=True)
+    with torch.no_grad():
+        student(**inputs)
+        mixed = wrapper.mix(*wrapper.read_call(seen["a"], seen["k"]))
+    torch.testing.assert_close(mixed, seen["o"][0], atol=1e-5, rtol=1e-5)  # block-wise training sees the real forward
+
+
 def test_bad_head_choices_are_refused():
     with pytest.raises(replacer.SiteSelectionError, match="from 0 to 3"):
         replacer.replace(model(), "lstm", heads={"model.layers.0.self_attn": [4]})
     with pytest.raises(replacer.SiteSelectionError, match="not among the selected sites"):
         replacer.replace(model(), "lstm", sites=[1], heads={"model.layers.0.self_attn": [0]})
-    from conftest import tiny_bert
+    from conftest import tiny_gpt2
 
     with pytest.raises(replacer.SiteSelectionError, match="cannot replace single heads"):
-        replacer.replace(tiny_bert(), "lstm", heads={"encoder.layer.0.attention.self": [0]})
+        replacer.replace(tiny_gpt2(), "lstm", heads={"transformer.h.0.attn": [0]})
 
 
 def test_a_recipe_replaces_the_most_recent_heads(tmp_path):
-    from replacer.recipe import RecipeError, load_recipe
+    from replacer.recipe import load_recipe
     from replacer.run import run_recipe
 
     texts = tmp_path / "t.txt"
@@ -94,8 +130,8 @@ distill: {{enabled: false}}
 tune: {{steps: 2}}
 evaluate: {{latency_repeats: 1}}
 """)
-    with pytest.raises(RecipeError, match="set distill.enabled to false"):
-        load_recipe(path, ["distill.enabled=true"])
+    with pytest.raises(replacer.ReplacerError, match="set distill.enabled to false"):
+        run_recipe(load_recipe(path, ["distill.enabled=true", f"run_dir={tmp_path / 'refused'}"]))
     report = run_recipe(load_recipe(path))
     assert report["stages"]["tune"]["final_loss"] > 0
     held = report["cache_bytes"]

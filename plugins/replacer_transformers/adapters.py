@@ -154,6 +154,11 @@ class HFSelfAttentionAdapter(HFAdapter):
     def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> ReplacedAttention:
         return HFReplacedAttention(site, mixer, module)
 
+    def wrap_heads(self, site: Site, module: nn.Module, mixer: Mixer, heads: list[int]) -> ReplacedAttention:
+        from replacer_transformers.hybrid import HFHybridAttention
+
+        return HFHybridAttention(site, mixer, module, heads, projections=("query", "key", "value"), kept=())
+
 
 class HFProjectedAttentionAdapter(HFAdapter):
     """Llama-style attention with q/k/v/o projections (Llama, Mistral, Qwen, ViT/DeiT in transformers 5, ...)."""
@@ -191,8 +196,6 @@ class HFProjectedAttentionAdapter(HFAdapter):
     def wrap_heads(self, site: Site, module: nn.Module, mixer: Mixer, heads: list[int]) -> ReplacedAttention:
         from replacer_transformers.hybrid import HFHybridAttention
 
-        if not site.causal or getattr(module, "layer_idx", None) is None:
-            raise Unsupported(f"{site.name}: head-level hybrids are built for causal decoder layers")
         return HFHybridAttention(site, mixer, module, heads)
 
 

@@ -1,5 +1,5 @@
-"""Head-level hybrids of Llama-style attention (RecurFormer): in one layer the kept heads run attention
-and the replaced heads run a mixer; both are joined in head order before the kept output projection.
+"""Head-level hybrids of transformers attention (RecurFormer): in one layer the kept heads run attention
+and the replaced heads run a mixer; both are joined in head order before the output projection.
 
 The kept heads' query rows and the key/value rows of the kv heads they read are sliced out of the
 original projections, so with grouped-query attention a kv head whose query heads are all replaced
@@ -10,6 +10,7 @@ same cache slot.
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 
 import torch
@@ -17,9 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from replacer.errors import UnsupportedCallError
-from replacer.graph.adapter import ReplacedAttention, Unsupported, padding_from_attention_mask
+from replacer.graph.adapter import Unsupported, padding_from_attention_mask
 from replacer.graph.site import Site
 from replacer.mixer import Mixer
+from replacer_transformers.adapters import HFReplacedAttention
 from replacer_transformers.cache import HybridCacheLayer, cache_from_call, state_slot
 
 
@@ -54,43 +56,49 @@ def _rows(linear: nn.Linear, heads: list[int], head_dim: int) -> nn.Linear:
     return sliced
 
 
-class HFHybridAttention(ReplacedAttention):
-    """One Llama-style layer with `replaced` heads on a mixer and the other heads on attention."""
+class HFHybridAttention(HFReplacedAttention):
+    """One layer with `replaced` heads on a mixer and the other heads on attention.
 
-    mixes_alone = False
+    `projections` names the layer's query, key and value projections; `kept` its output path inside
+    the module (empty for BERT-style layers, whose output projection is a sibling module). Layers that
+    take rotary position embeddings cannot run from their input alone, so they train end to end only.
+    """
 
-    def __init__(self, site: Site, mixer: Mixer, original: nn.Module, replaced: list[int]) -> None:
-        super().__init__(site, mixer, original, kept=("o_proj",))
+    def __init__(
+        self, site: Site, mixer: Mixer, original: nn.Module, replaced: list[int],
+        projections: tuple[str, str, str] = ("q_proj", "k_proj", "v_proj"), kept: tuple[str, ...] = ("o_proj",),
+    ) -> None:
+        super().__init__(site, mixer, original, kept)
         if getattr(original, "q_norm", None) is not None or getattr(original, "sliding_window", None):
             raise Unsupported(f"{site.name}: head-level hybrids do not support q/k norms or sliding windows yet")
         hd, group = site.head_dim, site.num_heads // site.num_kv_heads
         self.replaced = sorted(replaced)
         self.kept = [h for h in range(site.num_heads) if h not in set(self.replaced)]
         self.kept_kv = sorted({h // group for h in self.kept})
-        self.q_proj = _rows(original.q_proj, self.kept, hd)
-        self.k_proj = _rows(original.k_proj, self.kept_kv, hd)
-        self.v_proj = _rows(original.v_proj, self.kept_kv, hd)
+        q, k, v = (getattr(original, name) for name in projections)
+        self.q_proj, self.k_proj, self.v_proj = _rows(q, self.kept, hd), _rows(k, self.kept_kv, hd), _rows(v, self.kept_kv, hd)
         self.register_buffer("kv_of_kept", torch.tensor([self.kept_kv.index(h // group) for h in self.kept]), persistent=False)
-        self.scaling = original.scaling
-        self.cache_index = original.layer_idx
-        self._rotary = getattr(sys.modules[type(original).__module__], "apply_rotary_pos_emb", None)
+        self.scaling = getattr(original, "scaling", hd**-0.5)
+        takes_rope = "position_embeddings" in inspect.signature(original.forward).parameters
+        self._rotary = getattr(sys.modules[type(original).__module__], "apply_rotary_pos_emb", None) if takes_rope else None
+        self.mixes_alone = not takes_rope
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, attention heads={self.kept}, mixer heads={self.replaced}, kv heads kept={self.kept_kv}"
 
-    def read_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        call = self.arguments(args, kwargs)
-        x = call["hidden_states"]
-        return x, padding_from_attention_mask(call.get("attention_mask"), x.shape[0], x.shape[1])
-
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-        raise UnsupportedCallError(
-            f"site '{self.site.name}' is a head-level hybrid: its kept heads need the layer's position "
-            "embeddings, so it trains end to end only; set distill.enabled to false"
-        )
+        if not self.mixes_alone:
+            raise UnsupportedCallError(
+                f"site '{self.site.name}' is a head-level hybrid: its kept heads need the layer's position "
+                "embeddings, so it trains end to end only; set distill.enabled to false"
+            )
+        mask = None if padding is None else padding[:, None, None, :].to(x.device, torch.bool)
+        return self._hybrid(x, mask, None, None)
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None, **kwargs):
-        x = hidden_states
+        return self._hybrid(hidden_states, attention_mask, position_embeddings, cache_from_call(kwargs)), None
+
+    def _hybrid(self, x: torch.Tensor, attention_mask, position_embeddings, cache) -> torch.Tensor:
         B, N, _ = x.shape
         hd = self.site.head_dim
         q = self.q_proj(x).view(B, N, -1, hd).transpose(1, 2)
@@ -98,8 +106,7 @@ class HFHybridAttention(ReplacedAttention):
         v = self.v_proj(x).view(B, N, -1, hd).transpose(1, 2)
         if position_embeddings is not None and self._rotary is not None:
             q, k = self._rotary(q, k, *position_embeddings)
-        cache = cache_from_call(kwargs)
-        layer = state_slot(cache, self.cache_index, HybridCacheLayer) if cache is not None else None
+        layer = state_slot(cache, self.cache_index, HybridCacheLayer) if cache is not None and self.site.causal else None
         if layer is not None:
             k, v = layer.update(k, v)
         k, v = k.index_select(1, self.kv_of_kept), v.index_select(1, self.kv_of_kept)
@@ -107,9 +114,9 @@ class HFHybridAttention(ReplacedAttention):
         mask = attention_mask
         if mask is not None:
             mask = mask[..., :length]
-        elif N > 1 and length > N:  # a later chunk of a causal prefill
+        elif self.site.causal and N > 1 and length > N:  # a later chunk of a causal prefill
             mask = torch.ones(N, length, dtype=torch.bool, device=x.device).tril(length - N)
-        attended = attend(q, k, v, mask, causal=mask is None and N > 1, scale=self.scaling)
+        attended = attend(q, k, v, mask, causal=self.site.causal and mask is None and N > 1, scale=self.scaling)
         heads = x.new_zeros(B, N, self.site.num_heads, hd)
         heads[:, :, self.kept] = attended
         if self.replaced:
@@ -119,4 +126,4 @@ class HFHybridAttention(ReplacedAttention):
             else:
                 mixed = self.mixer(x, padding)
             heads[:, :, self.replaced] = mixed.view(B, N, len(self.replaced), hd)
-        return self.o_proj(heads.reshape(B, N, -1)), None
+        return self.project(heads.reshape(B, N, -1))

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from replacer.batches import BatchPlan
+from replacer.errors import ReplacerError
 from replacer.distill.capture import DiskStore, MemoryStore, capture_sites
 from replacer.distill.losses import site_loss
 from replacer.graph.adapter import ReplacedAttention
@@ -129,8 +130,14 @@ def distill_blockwise(
 
     Under torchrun each rank trains its share of the sites; all ranks then load every site's result.
     """
-    folder.mkdir(parents=True, exist_ok=True)
     wrappers = site_wrappers(student)
+    hybrids = [name for name, w in wrappers.items() if not w.mixes_alone]
+    if hybrids:
+        raise ReplacerError(
+            f"site {hybrids[0]} cannot be distilled block-wise: it is a head-level hybrid whose kept heads need "
+            "the layer's position embeddings; set distill.enabled to false (tuning trains it end to end)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
     todo = {n: wrappers[n] for n in world.mine(list(wrappers)) if not _mixer_file(folder, n).is_file()}
     trained = _train_sites(todo, teacher, task, plan, spec, folder, seed, progress, log, world) if todo else {}
     world.barrier()
