@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-
 from dataclasses import dataclass
 
 from replacer.errors import ReplacerError
@@ -25,8 +24,8 @@ class Selection:
 
 
 def choose_sites(recipe: Recipe, sites: list[Site], statistics: dict | None) -> Selection:
-    """The recipe's choice. Layer policies rank layers by mean attention entropy over heads; the
-    recent-heads policy takes heads by their recency ratio (RecurFormer)."""
+    """The recipe's choice. Layer policies rank layers by mean attention entropy over heads; head
+    policies take single heads by their recency ratio (RecurFormer), or at random."""
     policy = recipe.sites
     if policy == "all":
         return Selection(None)
