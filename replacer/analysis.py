@@ -403,6 +403,8 @@ def plot_budgets(rows: Sequence[Mapping[str, Any]], path: str | Path, metric_nam
 
 def plot_head_heatmaps(statistics: Mapping[str, Mapping], path: str | Path, title: str = "Teacher attention per layer and head") -> Path:
     """One heatmap per metric: layers down, heads across (blank where a layer has fewer heads)."""
+    from matplotlib.ticker import MaxNLocator
+
     ordered = sorted(statistics.values(), key=lambda s: s["layer_index"])
     metrics = list(ordered[0]["heads"])
     heads = max(len(s["heads"][metrics[0]]) for s in ordered)
@@ -415,6 +417,7 @@ def plot_head_heatmaps(statistics: Mapping[str, Mapping], path: str | Path, titl
         ax = fig.add_subplot(1, len(metrics), i + 1)
         image = ax.imshow(grid, aspect="auto", cmap="viridis")
         ax.set_title(metric.replace("_", " "))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(ordered)), [str(s["layer_index"]) for s in ordered])
