@@ -219,3 +219,29 @@ def test_uniform_pruning_keeps_every_head_equally_wide(plugin):
             assert len(set(heads.tolist())) == 1 and int(heads[0]) < mixer.head_dim
     with torch.no_grad():
         assert model(torch.randint(1, 100, (2, 5))).logits.shape == (2, 5, 100)
+
+
+def test_an_interrupted_prune_stage_resumes_from_its_finished_budgets(tmp_path):
+    from test_run import tiny_text_recipe
+
+    from replacer.recipe import load_recipe
+    from replacer.run import run_recipe
+
+    path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
+    sets = ["prune.enabled=true", "prune.budgets=[0.8,0.5]", "prune.recovery_steps=2", "prune.importance=hoyer",
+            "prune.hoyer_steps=2", "evaluate.figures=false", "evaluate.baseline=false"]
+    first = run_recipe(load_recipe(path, sets))
+    run = tmp_path / "run"
+    state = json.loads((run / "state.json").read_text())
+    for stage in ("prune", "evaluate", "export"):  # as if killed after the 80 % budget was saved
+        del state["stages"][stage]
+    (run / "state.json").write_text(json.dumps(state))
+    import shutil
+
+    shutil.rmtree(run / "students" / "pruned-50")
+    again = run_recipe(load_recipe(path, sets))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert sum(1 for r in rows if r.get("stage") == "pruned-80" and "loss" in r) == 2  # not redone
+    assert sum(1 for r in rows if r.get("stage") == "hoyer" and "loss" in r) == 2  # not redone
+    assert again["mixer_params"]["pruned-80"] == first["mixer_params"]["pruned-80"]
+    assert again["mixer_params"]["pruned-50"] <= 0.5 * again["mixer_params"]["distilled"]

@@ -44,7 +44,7 @@ def prune_budgets(
     folder.mkdir(parents=True, exist_ok=True)
     recovery = tune.model_copy(update={"steps": spec.recovery_steps, "lr": spec.lr, "train": "mixers",
                                        "checkpoint_every": spec.checkpoint_every})
-    base = mixer_parameters(student)
+    tuned_params = mixer_parameters(student)
     if spec.importance == "hoyer":
         student = _hoyer_regularised(student, teacher, base, task, plan, spec, recovery, folder, students, progress, log, world)
     results = {}
@@ -53,13 +53,13 @@ def prune_budgets(
         saved = students / name
         if (saved / "manifest.json").is_file():  # finished before an interruption
             student = replacer.load(saved, base=copy.deepcopy(base))
-            results[name] = {"budget": budget, "mixer_params": mixer_parameters(student), "mixer_params_tuned": base}
+            results[name] = {"budget": budget, "mixer_params": mixer_parameters(student), "mixer_params_tuned": tuned_params}
             continue
         start = time.time()
         losses = None
         if spec.importance == "taylor":
             losses = [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(spec.taylor_batches)]
-        cut = prune(student, params=round(budget * base), importance=spec.importance, losses=losses, uniform=spec.uniform)
+        cut = prune(student, params=round(budget * tuned_params), importance=spec.importance, losses=losses, uniform=spec.uniform)
         log({"stage": "prune", "budget": budget, "mixer_params": cut.mixer_params_after, "removed_by_site": cut.removed_by_site})
         state = folder / f"{name}.state"
         if spec.recovery_steps:
@@ -70,7 +70,7 @@ def prune_budgets(
             clear_state(state)
         world.barrier()
         results[name] = {
-            "budget": budget, "mixer_params": cut.mixer_params_after, "mixer_params_tuned": base,
+            "budget": budget, "mixer_params": cut.mixer_params_after, "mixer_params_tuned": tuned_params,
             "removed_groups": cut.removed_groups, "seconds": round(time.time() - start, 1),
         }
     return results
