@@ -13,6 +13,7 @@ from torch import nn
 from replacer import analysis
 from replacer.models import count_parameters
 from replacer.pruning import mixer_parameters
+from replacer.pruning.stage import budget_family
 from replacer.tasks import Batch, Task
 
 
@@ -99,10 +100,8 @@ def write_figures(
 
 
 def budget_rows(metrics: dict[str, Any], task: Task) -> list[dict[str, Any]]:
-    """The tuned student and its pruned students: mixer params, quality and batch-1 CPU latency of each."""
-    names = [k for k in metrics["fidelity"] if k == "distilled" or k.startswith("pruned-")]
-    if not any(k.startswith("pruned-") for k in names):
-        return []
+    """The tuned student and its pruned students: mixer params, quality and CPU latency at the first timed batch size."""
+    names = budget_family(list(metrics["fidelity"]))
     size, latency = next(iter(metrics.get("latency_ms", {}).items()), (None, None))
     rows = []
     for name in names:

@@ -6,14 +6,13 @@ import copy
 import fnmatch
 from typing import Iterable
 
-import torch
 from pydantic import BaseModel
 from torch import nn
 
 from replacer.errors import SiteSelectionError
 from replacer.graph.adapter import Unsupported
 from replacer.graph.scan import ScanResult, scan
-from replacer.graph.site import Site
+from replacer.graph.site import Site, head_rows
 from replacer.models import describe_origin
 from replacer.plugins import get_registry
 
@@ -110,7 +109,7 @@ def replace(
         value = adapter.value_projection(original, site)
         replaced = split.get(site.name)
         if replaced is not None:
-            rows = torch.cat([torch.arange(h * site.head_dim, (h + 1) * site.head_dim) for h in replaced])
+            rows = head_rows(replaced, site.head_dim)
             mixer = spec.build(site.heads_subset(len(replaced)), validated, None if value is None else value.rows(rows))
         else:
             mixer = spec.build(site, validated, value)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from replacer.pruning.stage import budget_family
 from replacer.recipe import Recipe
 from replacer.tasks import Task
 
@@ -88,8 +89,8 @@ def _teacher_attention(report: dict[str, Any]) -> list[str]:
 
 def _pruning(report: dict[str, Any]) -> list[str]:
     """The budgets table: every pruned student beside the tuned one it was cut from."""
-    names = [m for m in report["fidelity"] if m == "distilled" or m.startswith("pruned-")]
-    if len(names) < 2 or "mixer_params" not in report:
+    names = budget_family(list(report["fidelity"]))
+    if not names or "mixer_params" not in report:
         return []
     mixers, params, headline = report["mixer_params"], report["params"], report["headline_metric"]
     latency = report.get("latency_ms", {})

@@ -128,19 +128,19 @@ def _student(recipe: Recipe, teacher: nn.Module, selection: Selection) -> nn.Mod
     ).eval()
 
 
-def prepare(recipe: Recipe) -> tuple[nn.Module, Task, list]:
+def prepare(recipe: Recipe) -> tuple[nn.Module, Task, BatchPlan]:
     """The teacher as loaded (seeded: a randomly initialised one is the same in every run and on every
-    rank), the task it computes and the training examples; every missing input fails here, at once."""
+    rank), the task it computes and the training batches; every missing input fails here, at once."""
     torch.manual_seed(recipe.seed)
     teacher = preflight(recipe)
     task = resolve_task(recipe.model.task, teacher, load_tokenizer(recipe), is_text(recipe), _max_length(recipe))
-    return teacher, task, load_examples(recipe.data.train, recipe.seed)
+    train = load_examples(recipe.data.train, recipe.seed)
+    return teacher, task, BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=_lengths(train))
 
 
 def analyze_recipe(recipe: Recipe, folder: Path, console: Console) -> dict[str, Any]:
     """`replacer analyze`: the teacher's attention statistics (JSON) and heatmap, without converting anything."""
-    teacher, task, train = prepare(recipe)
-    plan = BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=_lengths(train))
+    teacher, task, plan = prepare(recipe)
     progress = RunProgress(console)
     with progress.progress:
         if recipe.teacher.train:
@@ -164,10 +164,9 @@ def run_recipe(
     console = console or Console()
     if not world.is_main:
         console = Console(quiet=True)
-    teacher, task, train = prepare(recipe)
+    teacher, task, plan = prepare(recipe)
     run = RunDir(recipe, restart, world)
     held_out = load_examples(recipe.data.eval, recipe.seed + 1)
-    plan = BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=_lengths(train))
     progress = RunProgress(console)
     stage_dir = run.path / "students"
     with progress.progress, contextlib.ExitStack() as stack:
@@ -263,11 +262,9 @@ def run_recipe(
         metrics["teacher_attention"] = statistics
         if (run.path / "figures" / "teacher_attention.png").is_file():
             metrics.setdefault("figures", []).insert(0, "figures/teacher_attention.png")
-    metrics["replaced_sites"] = [s.name for s in replacer.scan(student).replaced]
-    metrics["replaced_heads"] = {
-        s.name: list(range(s.num_heads)) if s.name not in (sites.heads or {}) else sites.heads[s.name]
-        for s in replacer.scan(student).replaced
-    }
+    replaced = replacer.scan(student).replaced
+    metrics["replaced_sites"] = [s.name for s in replaced]
+    metrics["replaced_heads"] = {s.name: (sites.heads or {}).get(s.name, list(range(s.num_heads))) for s in replaced}
     return write_report(run.path, recipe, task, run.state, metrics)
 
 

@@ -160,12 +160,12 @@ def check_pruning(spec: MixerSpec, causal: bool, options: BaseModel | dict | Non
         torch.testing.assert_close(other(x), mixer(x), atol=0, rtol=0, msg="a pruned mixer does not reload from its shapes and weights")
 
 
-def _main_tensor(out: object) -> torch.Tensor:
+def main_tensor(out: object) -> torch.Tensor:
     """The main output of a model or a site call: a tensor, the first of a tuple, or logits / last hidden state."""
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, tuple):
-        return _main_tensor(out[0])
+        return main_tensor(out[0])
     for key in ("logits", "last_hidden_state"):
         if getattr(out, key, None) is not None:
             return getattr(out, key)
@@ -206,8 +206,8 @@ def check_adapter(
             )
     student = replacer.replace(teacher, plugin, sites=[s.name for s in sites]).eval()
     args, kwargs = inputs()
-    reference = _main_tensor(teacher(*args, **kwargs))
-    out = _main_tensor(student(*args, **kwargs))
+    reference = main_tensor(teacher(*args, **kwargs))
+    out = main_tensor(student(*args, **kwargs))
     assert out.shape == reference.shape, f"the replaced model's output is {tuple(out.shape)}, the original's {tuple(reference.shape)}"
 
     wrappers = site_wrappers(student)
@@ -237,14 +237,14 @@ def check_adapter(
             hook.remove()
     for name, (a, k, o) in calls.items():
         mixed = wrappers[name].mix(*wrappers[name].read_call(a, k))
-        torch.testing.assert_close(mixed, _main_tensor(o), atol=1e-5, rtol=1e-4,
+        torch.testing.assert_close(mixed, main_tensor(o), atol=1e-5, rtol=1e-4,
                                    msg=lambda m, name=name: f"{name}: mix(read_call(call)) differs from the installed forward: {m}")
 
     with tempfile.TemporaryDirectory(dir=tmp_dir) as folder:
         replacer.save(student, folder)
         torch.manual_seed(1)
         loaded = replacer.load(folder, base=model())
-    torch.testing.assert_close(_main_tensor(loaded(*args, **kwargs)), out, atol=0, rtol=0,
+    torch.testing.assert_close(main_tensor(loaded(*args, **kwargs)), out, atol=0, rtol=0,
                                msg="a saved replaced model reloads to different outputs")
 
 

@@ -7,6 +7,8 @@ import timm
 import torch
 import transformers as T
 
+from replacer.testing import main_tensor
+
 T.logging.set_verbosity_error()
 
 
@@ -76,14 +78,7 @@ FAMILIES = {
 }
 
 
-def output_tensor(out) -> torch.Tensor:
-    """The main tensor of a model's output, whatever family it comes from."""
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "last_hidden_state"):
-        if getattr(out, key, None) is not None:
-            return getattr(out, key)
-    raise TypeError(type(out))
+output_tensor = main_tensor  # the kit's reader of a model's main output
 
 
 @pytest.fixture(params=sorted(FAMILIES))

@@ -19,7 +19,7 @@ from torch import nn
 
 from replacer.errors import UnsupportedCallError
 from replacer.graph.adapter import Unsupported, padding_from_attention_mask
-from replacer.graph.site import Site
+from replacer.graph.site import Site, head_rows
 from replacer.mixer import Mixer
 from replacer_transformers.adapters import HFReplacedAttention
 from replacer_transformers.cache import HybridCacheLayer, cache_from_call, state_slot
@@ -46,7 +46,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 def _rows(linear: nn.Linear, heads: list[int], head_dim: int) -> nn.Linear:
     """A copy of `linear` with only the output rows of `heads`."""
-    index = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+    index = head_rows(heads, head_dim)
     sliced = nn.Linear(linear.in_features, len(index), bias=linear.bias is not None,
                        device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():

@@ -48,6 +48,13 @@ class Site:
         return replace(self, num_heads=count, num_kv_heads=count)
 
 
+def head_rows(heads: list[int], head_dim: int) -> "torch.Tensor":
+    """Indices of the rows (or columns) that belong to `heads` in a projection laid out head by head."""
+    import torch
+
+    return torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])
+
+
 @dataclass(frozen=True)
 class UnsupportedSite:
     """A module that looks like attention but that no adapter can replace, with the reason."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from replacer.distill.blockwise import site_wrappers
 from replacer.errors import ReplacerError
-from replacer.pruning.groups import GroupIndex, ParameterCount, apply_shapes, shrink
+from replacer.pruning.groups import GroupIndex, apply_shapes, shrink
 from replacer.pruning.importance import Importance, hoyer_square, magnitude, taylor
 from replacer.pruning.ranking import choose
 
@@ -53,7 +53,7 @@ def prune(
     if getattr(model, "replacer_record", None) is None:
         raise ReplacerError("prune works on models returned by replacer.replace (or replacer.load)")
     index = GroupIndex.of(model)
-    before = ParameterCount(index).total
+    before = mixer_parameters(model)
     if isinstance(params, float):
         if not 0 < params <= 1:
             raise ReplacerError(f"params={params}: give a fraction in (0, 1] of the mixers' parameters or a count")

@@ -32,6 +32,12 @@ def budget_name(budget: float) -> str:
     return f"pruned-{budget * 100:g}"
 
 
+def budget_family(models: list[str]) -> list[str]:
+    """The tuned student ("distilled") and the students pruned from it, in report order; empty when none was pruned."""
+    family = [m for m in models if m == "distilled" or m.startswith("pruned-")]
+    return family if len(family) > 1 else []
+
+
 def prune_budgets(
     student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, tune: TuneSpec,
     folder: Path, students: Path, progress: "RunProgress", log: Callable[[dict], None], world: World = SINGLE,
