@@ -27,7 +27,9 @@ class MultiHeadGRU(MultiHeadRecurrence):
     def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         (hx,) = state
         h = hx.shape[-1]
-        g = torch.baddbmm(weights["bias_hh"][:, None], hx, weights["weight_hh"])
-        rz = (gates_x[..., : 2 * h] + g[..., : 2 * h]).sigmoid()
-        candidate = torch.addcmul(gates_x[..., 2 * h :], rz[..., :h], g[..., 2 * h :]).tanh()
-        return (torch.lerp(candidate, hx, rz[..., h:]),)
+        # split/chunk rather than slices: a slice's backward writes a zero tensor of the whole input
+        rz_x, candidate_x = gates_x.split((2 * h, h), dim=-1)
+        rz_h, candidate_h = torch.baddbmm(weights["bias_hh"][:, None], hx, weights["weight_hh"]).split((2 * h, h), dim=-1)
+        r, z = (rz_x + rz_h).sigmoid().chunk(2, dim=-1)
+        candidate = torch.addcmul(candidate_x, r, candidate_h).tanh()
+        return (torch.lerp(candidate, hx, z),)

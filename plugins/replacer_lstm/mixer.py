@@ -34,7 +34,8 @@ class MultiHeadLSTM(MultiHeadRecurrence):
     def cell(self, gates_x: torch.Tensor, state: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         hx, cx = state
         h = hx.shape[-1]
-        g = torch.baddbmm(gates_x, hx, weights["weight_hh"])
-        ifo = g[..., : 3 * h].sigmoid()
-        c_new = torch.addcmul(ifo[..., h : 2 * h] * cx, ifo[..., :h], g[..., 3 * h :].tanh())
-        return ifo[..., 2 * h :] * c_new.tanh(), c_new
+        # split/chunk rather than slices: a slice's backward writes a zero tensor of the whole input
+        ifo, candidate = torch.baddbmm(gates_x, hx, weights["weight_hh"]).split((3 * h, h), dim=-1)
+        i, f, o = ifo.sigmoid().chunk(3, dim=-1)
+        c_new = torch.addcmul(f * cx, i, candidate.tanh())
+        return o * c_new.tanh(), c_new
