@@ -189,7 +189,12 @@ class PruneSpec(Strict):
     enabled: bool = Field(False, description="run the stage: a family of smaller students, one per budget")
     budgets: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
         [0.75, 0.5], min_length=1,
-        description="fractions of the tuned mixers' parameters to keep; each budget starts from the next larger one",
+        description="fractions of the tuned mixers' parameters (or of its CPU latency, see target) to keep; "
+        "each budget starts from the next larger one",
+    )
+    target: Literal["params", "latency"] = Field(
+        "params", description="what budgets are fractions of: mixer parameters, or the tuned student's CPU latency "
+        "at the first of evaluate.latency_batch_sizes (met by timing pruned copies; uniform makes latency fall further)",
     )
     importance: Literal["magnitude", "taylor", "hoyer"] = Field(
         "magnitude",

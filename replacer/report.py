@@ -95,19 +95,29 @@ def _pruning(report: dict[str, Any]) -> list[str]:
     mixers, params, headline = report["mixer_params"], report["params"], report["headline_metric"]
     latency = report.get("latency_ms", {})
     size = next(iter(latency), None)
+    searched = report["stages"].get("prune", {}).get("budgets", {})
+    by_latency = any("target_ms" in b for b in searched.values())
     header = ["model", "mixer params", "x tuned mixers", "params", "x teacher", headline]
-    header += [f"CPU ms (batch {size})", "x teacher"] if size else []
+    header += [f"CPU ms (batch {size})", "x tuned", "x teacher"] if size else []
+    header += ["pruning: target ms", "pruning: timed ms"] if by_latency else []
     rows = []
     for name in names:
         row = [name, mixers[name], mixers[name] / mixers["distilled"], params[name], params[name] / params["teacher"],
                report["fidelity"][name][headline]]
         if size:
-            row += [latency[size][name], latency[size][name] / latency[size]["teacher"]]
+            ms = latency[size]
+            row += [ms[name], ms[name] / ms["distilled"], ms[name] / ms["teacher"]]
+        if by_latency:
+            row += [searched.get(name, {}).get("target_ms", ""), searched.get(name, {}).get("latency_ms", "")]
         rows.append(row)
+    what = (
+        "the tuned student's CPU latency (the most mixer parameters whose pruned copy, timed while pruning, ran within "
+        "it; evaluation times every model again)" if by_latency else "the tuned mixers' parameters"
+    )
     return [
         "## Pruning budgets",
-        "Each budget keeps a fraction of the tuned mixers' parameters (groups ranked globally across sites, "
-        "removed physically, then recovered by distillation); each smaller budget is cut from the one above.",
+        f"Each budget keeps a fraction of {what}; groups are ranked globally across sites, removed physically, then "
+        "recovered by distillation, and each smaller budget is cut from the one above.",
         _table(header, rows),
     ]
 

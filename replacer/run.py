@@ -32,15 +32,16 @@ from replacer.distill.end_to_end import tune_end_to_end
 from replacer.distributed import SINGLE, World
 from replacer import analysis
 from replacer.attention_analysis import analyze_teacher
-from replacer.evaluate import evaluate, outputs, write_figures
+from replacer.evaluate import evaluate, median_latency_ms, outputs, write_figures
 from replacer.graph.scan import scan
 from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
+from replacer.pruning.latency import Measure
 from replacer.pruning.stage import budget_name, prune_budgets
 from replacer.recipe import LATER, Recipe, RecipeError
 from replacer.report import write_report
 from replacer.selection import Selection, choose_sites, needs_analysis
 from replacer.sparsify import sparsified_teacher
-from replacer.tasks import Task, resolve_task
+from replacer.tasks import Batch, Task, resolve_task
 from replacer.teacher import obtain_teacher
 from replacer.training_state import clear_state
 
@@ -222,7 +223,7 @@ def run_recipe(
             start = time.time()
             budgets = prune_budgets(
                 copy.deepcopy(student), teacher, base, task, plan, recipe.prune, recipe.tune, run.path / "prune",
-                stage_dir, progress, run.log, world,
+                stage_dir, progress, run.log, world, _latency_measure(recipe, task, held_out),
             )
             run.finish("prune", time.time() - start, budgets=budgets)
         if not world.is_main:
@@ -239,9 +240,8 @@ def run_recipe(
             if recipe.evaluate.baseline:
                 models["undistilled"] = _student(recipe, base, sites)
             with progress.task("evaluate", 1) as advance:
-                timed = {k: task.collate([held_out[i % len(held_out)] for i in range(k)]) for k in recipe.evaluate.latency_batch_sizes}
                 metrics = evaluate(
-                    dense, models, task, batches, timed,
+                    dense, models, task, batches, _timed_batches(recipe, task, held_out),
                     recipe.evaluate.latency_repeats if recipe.evaluate.latency else None,
                     recipe.evaluate.site_error_batches,
                 )
@@ -266,6 +266,17 @@ def run_recipe(
     metrics["replaced_sites"] = [s.name for s in replaced]
     metrics["replaced_heads"] = {s.name: (sites.heads or {}).get(s.name, list(range(s.num_heads))) for s in replaced}
     return write_report(run.path, recipe, task, run.state, metrics)
+
+
+def _timed_batches(recipe: Recipe, task: Task, held_out: list) -> dict[int, Batch]:
+    """The held-out batches CPU latency is measured on, by batch size (evaluation and latency budgets alike)."""
+    return {k: task.collate([held_out[i % len(held_out)] for i in range(k)]) for k in recipe.evaluate.latency_batch_sizes}
+
+
+def _latency_measure(recipe: Recipe, task: Task, held_out: list) -> Measure:
+    """Median CPU milliseconds of one call at the first timed batch size (what latency budgets are fractions of)."""
+    batch = next(iter(_timed_batches(recipe, task, held_out).values()))
+    return lambda model: median_latency_ms(lambda: task.run(model, batch), recipe.evaluate.latency_repeats)
 
 
 def _resume_from(student: nn.Module, teacher: nn.Module, *candidates: Path) -> nn.Module:

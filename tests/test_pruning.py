@@ -245,3 +245,59 @@ def test_an_interrupted_prune_stage_resumes_from_its_finished_budgets(tmp_path):
     assert sum(1 for r in rows if r.get("stage") == "hoyer" and "loss" in r) == 2  # not redone
     assert again["mixer_params"]["pruned-80"] == first["mixer_params"]["pruned-80"]
     assert again["mixer_params"]["pruned-50"] <= 0.5 * again["mixer_params"]["distilled"]
+
+
+def params_clock(overhead_ms: float):
+    """A stand-in for CPU timing: a fixed overhead plus time proportional to the mixers' parameters."""
+    return lambda model: overhead_ms + mixer_parameters(model) * 1e-4
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_a_latency_budget_keeps_the_most_parameters_that_run_within_it(uniform):
+    model = student()
+    before = mixer_parameters(model)
+    clock = params_clock(1.0)
+    result = prune(model, latency=0.6, measure=clock, uniform=uniform)
+    fit = result.latency
+    assert fit.target_ms == pytest.approx(0.6 * clock(student()))
+    assert clock(model) == pytest.approx(fit.latency_ms) and fit.latency_ms <= fit.target_ms
+    exact = (fit.target_ms - 1.0) / 1e-4  # the parameter count at which the clock reads the target
+    assert exact - 0.03 * before <= result.mixer_params_after <= exact  # met closely, not overshot
+    with torch.no_grad():
+        assert model(images()).shape == (2, 10)
+
+
+def test_an_unreachable_latency_budget_fails_and_leaves_the_model_whole():
+    model = student()
+    before = mixer_parameters(model)
+    with pytest.raises(replacer.ReplacerError, match="out of reach.*larger latency budget"):
+        prune(model, latency=0.5, measure=params_clock(100.0))  # the overhead alone exceeds the budget
+    assert mixer_parameters(model) == before
+    with pytest.raises(replacer.ReplacerError, match="exactly one budget"):
+        prune(model)
+    with pytest.raises(replacer.ReplacerError, match="exactly one budget"):
+        prune(model, params=0.5, latency=0.5, measure=params_clock(1.0))
+    with pytest.raises(replacer.ReplacerError, match="measure"):
+        prune(model, latency=0.5)
+
+
+def test_a_recipe_prunes_to_latency_budgets_and_reports_the_timings(tmp_path, monkeypatch):
+    from test_run import tiny_text_recipe
+
+    import replacer.run as run_module
+    from replacer.recipe import load_recipe
+
+    monkeypatch.setattr(run_module, "_latency_measure", lambda *_: params_clock(0.5))
+    path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
+    recipe = load_recipe(path, ["prune.enabled=true", "prune.target=latency", "prune.budgets=[0.9,0.7]",
+                                "prune.recovery_steps=1", "evaluate.figures=false", "evaluate.baseline=false"])
+    report = run_module.run_recipe(recipe)
+    budgets = report["stages"]["prune"]["budgets"]
+    tuned_ms = budgets["pruned-90"]["tuned_ms"]
+    assert tuned_ms == pytest.approx(0.5 + report["mixer_params"]["distilled"] * 1e-4)
+    for name, fraction in (("pruned-90", 0.9), ("pruned-70", 0.7)):
+        assert budgets[name]["target_ms"] == pytest.approx(fraction * tuned_ms)
+        assert 0.5 + report["mixer_params"][name] * 1e-4 <= budgets[name]["target_ms"] + 1e-9
+    assert report["mixer_params"]["pruned-70"] < report["mixer_params"]["pruned-90"] < report["mixer_params"]["distilled"]
+    text = (tmp_path / "run" / "report.md").read_text()
+    assert "fraction of the tuned student's CPU latency" in text and "pruning: target ms" in text

@@ -10,15 +10,18 @@ from replacer.errors import ReplacerError
 from replacer.pruning.groups import GroupIndex, ParameterCount
 
 
-def choose(index: GroupIndex, scores: torch.Tensor, target_params: int, uniform: bool = False) -> list[int]:
+def choose(
+    index: GroupIndex, scores: torch.Tensor, target_params: int, uniform: bool = False, strict: bool = True
+) -> list[int]:
     """The least important groups, across all sites at once, whose removal brings the mixers' parameters
-    to `target_params` or below. The last group of each family (one head's units, ...) always stays.
+    to `target_params` or below. The last group of each family (one head's units, ...) always stays;
+    when that makes the target unreachable, `strict` raises, otherwise the deepest possible cut is returned.
 
     `uniform`: cut the families of one kind at a site in lockstep (each loses its own least important
     member), so they keep equal widths and the site's compute shrinks with its parameters.
     """
     if uniform:
-        return _choose_in_lockstep(index, scores, target_params)
+        return _choose_in_lockstep(index, scores, target_params, strict)
     count = ParameterCount(index)
     family = [(site, group.family) for site, group in zip(index.sites, index.groups)]
     members = Counter(family)
@@ -31,11 +34,12 @@ def choose(index: GroupIndex, scores: torch.Tensor, target_params: int, uniform:
         members[family[gid]] -= 1
         count.remove(gid)
         remove.append(gid)
-    _check_reached(count, target_params)
+    if strict:
+        _check_reached(count, target_params)
     return remove
 
 
-def _choose_in_lockstep(index: GroupIndex, scores: torch.Tensor, target_params: int) -> list[int]:
+def _choose_in_lockstep(index: GroupIndex, scores: torch.Tensor, target_params: int, strict: bool) -> list[int]:
     """Steps of one member per family of a (site, kind), ranked globally by the members' summed scores."""
     score = scores.detach().cpu().tolist()
     families: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
@@ -55,7 +59,8 @@ def _choose_in_lockstep(index: GroupIndex, scores: torch.Tensor, target_params: 
         for gid in gids:
             count.remove(gid)
         remove.extend(gids)
-    _check_reached(count, target_params)
+    if strict:
+        _check_reached(count, target_params)
     return remove
 
 

@@ -1,6 +1,7 @@
 """The recipe's prune stage: one tuned student in, a family of smaller students out, one per budget.
 
-Budgets are fractions of the tuned mixers' parameters. The largest budget is cut from the tuned
+Budgets are fractions of the tuned mixers' parameters, or (`target: latency`) of the tuned student's
+CPU latency, met by timing pruned copies (`replacer.pruning.latency`). The largest budget is cut from the tuned
 student, each smaller one from the recovered student of the budget above it (gradual pruning loses
 less than one deep cut), and every cut is followed by end-to-end recovery distillation. Each
 budget's student is saved under `students/pruned-<percent>`, so a resumed run skips finished budgets.
@@ -19,7 +20,8 @@ import replacer
 from replacer.batches import BatchPlan
 from replacer.distill.end_to_end import student_loss, tune_end_to_end
 from replacer.distributed import SINGLE, World
-from replacer.pruning import GroupIndex, hoyer_square, mixer_parameters, prune
+from replacer.pruning import GroupIndex, hoyer_square, importance_scores, mixer_parameters, prune
+from replacer.pruning.latency import Measure, fit_latency
 from replacer.recipe import PruneSpec, TuneSpec
 from replacer.tasks import Task
 from replacer.training_state import clear_state
@@ -41,16 +43,21 @@ def budget_family(models: list[str]) -> list[str]:
 def prune_budgets(
     student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, tune: TuneSpec,
     folder: Path, students: Path, progress: "RunProgress", log: Callable[[dict], None], world: World = SINGLE,
+    measure: Measure | None = None,
 ) -> dict[str, dict]:
     """Prune `student` (modified in place) to every budget; returns per budget what was cut and how long it took.
 
     `teacher` is the distillation target; `base` the model students are built on (the same, unless the
-    teacher's attention was sparsified).
+    teacher's attention was sparsified). `measure` times a model (latency budgets only); under torchrun
+    rank 0 alone times, and every rank cuts to the parameter count it found.
     """
+    if spec.target == "latency" and measure is None:
+        raise ValueError("latency budgets need a measure")
     folder.mkdir(parents=True, exist_ok=True)
     recovery = tune.model_copy(update={"steps": spec.recovery_steps, "lr": spec.lr, "train": "mixers",
                                        "checkpoint_every": spec.checkpoint_every})
     tuned_params = mixer_parameters(student)
+    tuned_ms = measure(student) if spec.target == "latency" and world.is_main else None
     if spec.importance == "hoyer":
         student = _hoyer_regularised(student, teacher, base, task, plan, spec, recovery, folder, students, progress, log, world)
     results = {}
@@ -65,8 +72,19 @@ def prune_budgets(
         losses = None
         if spec.importance == "taylor":
             losses = [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(spec.taylor_batches)]
-        cut = prune(student, params=round(budget * tuned_params), importance=spec.importance, losses=losses, uniform=spec.uniform)
-        log({"stage": "prune", "budget": budget, "mixer_params": cut.mixer_params_after, "removed_by_site": cut.removed_by_site})
+        timing = {}
+        if spec.target == "latency":
+            if world.is_main:
+                index = GroupIndex.of(student)
+                scores = importance_scores(index, spec.importance, losses)
+                fit = fit_latency(student, index, scores, budget * tuned_ms, measure, spec.uniform)
+                timing = {"params": fit.params, "latency_ms": fit.latency_ms, "target_ms": fit.target_ms, "tuned_ms": tuned_ms}
+            timing = world.merge({"timing": timing} if world.is_main else {})["timing"]
+            params = timing.pop("params")
+        else:
+            params = round(budget * tuned_params)
+        cut = prune(student, params=params, importance=spec.importance, losses=losses, uniform=spec.uniform)
+        log({"stage": "prune", "budget": budget, "mixer_params": cut.mixer_params_after, "removed_by_site": cut.removed_by_site, **timing})
         state = folder / f"{name}.state"
         if spec.recovery_steps:
             with progress.task(f"prune: recover {name}", spec.recovery_steps) as advance:
@@ -77,7 +95,7 @@ def prune_budgets(
         world.barrier()
         results[name] = {
             "budget": budget, "mixer_params": cut.mixer_params_after, "mixer_params_tuned": tuned_params,
-            "removed_groups": cut.removed_groups, "seconds": round(time.time() - start, 1),
+            "removed_groups": cut.removed_groups, "seconds": round(time.time() - start, 1), **timing,
         }
     return results
 
