@@ -301,3 +301,19 @@ def test_a_recipe_prunes_to_latency_budgets_and_reports_the_timings(tmp_path, mo
     assert report["mixer_params"]["pruned-70"] < report["mixer_params"]["pruned-90"] < report["mixer_params"]["distilled"]
     text = (tmp_path / "run" / "report.md").read_text()
     assert "fraction of the tuned student's CPU latency" in text and "pruning: target ms" in text
+
+
+def test_an_unreachable_latency_budget_stops_the_stage_and_keeps_the_budgets_before_it(tmp_path, monkeypatch):
+    from test_run import tiny_text_recipe
+
+    import replacer.run as run_module
+    from replacer.recipe import load_recipe
+
+    monkeypatch.setattr(run_module, "_latency_measure", lambda *_: params_clock(0.5))
+    path = tiny_text_recipe(tmp_path, distill_steps=2, tune_steps=1)
+    recipe = load_recipe(path, ["prune.enabled=true", "prune.target=latency", "prune.budgets=[0.9,0.2]",
+                                "prune.recovery_steps=1", "evaluate.figures=false", "evaluate.baseline=false"])
+    with pytest.raises(replacer.ReplacerError, match="out of reach"):  # 20 % is below the clock's fixed 0.5 ms
+        run_module.run_recipe(recipe)
+    students = tmp_path / "run" / "students"
+    assert (students / "pruned-90" / "manifest.json").is_file() and not (students / "pruned-20").exists()

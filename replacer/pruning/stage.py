@@ -20,6 +20,7 @@ import replacer
 from replacer.batches import BatchPlan
 from replacer.distill.end_to_end import student_loss, tune_end_to_end
 from replacer.distributed import SINGLE, World
+from replacer.errors import ReplacerError
 from replacer.pruning import GroupIndex, hoyer_square, importance_scores, mixer_parameters, prune
 from replacer.pruning.latency import Measure, fit_latency
 from replacer.recipe import PruneSpec, TuneSpec
@@ -74,13 +75,9 @@ def prune_budgets(
             losses = [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(spec.taylor_batches)]
         timing = {}
         if spec.target == "latency":
-            if world.is_main:
-                index = GroupIndex.of(student)
-                scores = importance_scores(index, spec.importance, losses)
-                fit = fit_latency(student, index, scores, budget * tuned_ms, measure, spec.uniform)
-                timing = {"params": fit.params, "latency_ms": fit.latency_ms, "target_ms": fit.target_ms, "tuned_ms": tuned_ms}
-            timing = world.merge({"timing": timing} if world.is_main else {})["timing"]
+            timing = _fit_on_main(student, spec, losses, budget * tuned_ms if world.is_main else 0.0, measure, world)
             params = timing.pop("params")
+            timing["tuned_ms"] = tuned_ms
         else:
             params = round(budget * tuned_params)
         cut = prune(student, params=params, importance=spec.importance, losses=losses, uniform=spec.uniform)
@@ -98,6 +95,25 @@ def prune_budgets(
             "removed_groups": cut.removed_groups, "seconds": round(time.time() - start, 1), **timing,
         }
     return results
+
+
+def _fit_on_main(
+    student: nn.Module, spec: PruneSpec, losses: list | None, target_ms: float, measure: Measure, world: World
+) -> dict:
+    """Rank 0 times pruned copies to find the parameter count within `target_ms`; every rank gets its answer
+    (or its error, so no rank waits for an answer that never comes)."""
+    found: dict = {}
+    if world.is_main:
+        try:
+            index = GroupIndex.of(student)
+            fit = fit_latency(student, index, importance_scores(index, spec.importance, losses), target_ms, measure, spec.uniform)
+            found = {"params": fit.params, "latency_ms": fit.latency_ms, "target_ms": fit.target_ms}
+        except ReplacerError as exc:
+            found = {"error": str(exc)}
+    found = world.merge({"fit": found} if world.is_main else {})["fit"]
+    if "error" in found:
+        raise ReplacerError(found["error"])
+    return found
 
 
 def _hoyer_regularised(
