@@ -74,32 +74,41 @@ def prune(
     if (params is None) == (latency is None):
         raise ReplacerError("prune needs exactly one budget: params (fraction or count) or latency (fraction)")
     index = GroupIndex.of(model)
-    before = mixer_parameters(model)
     scores = importance_scores(index, importance, losses)
     fit = None
     if latency is not None:
         if not 0 < latency <= 1 or measure is None:
             raise ReplacerError(f"latency={latency}: give a fraction in (0, 1] of the current latency and a measure(model) -> ms")
-        fit = fit_latency(model, index, scores, latency * measure(model), measure, uniform)
+        current_ms = measure(model)
+        fit = fit_latency(model, index, scores, latency * current_ms, measure, uniform, current_ms=current_ms)
         target = fit.params
     elif isinstance(params, float):
         if not 0 < params <= 1:
             raise ReplacerError(f"params={params}: give a fraction in (0, 1] of the mixers' parameters or a count")
-        target = round(params * before)
+        target = round(params * mixer_parameters(model))
     else:
         target = params
-    remove = choose(index, scores, target, uniform)
+    return cut(model, index, scores, target, uniform, fit)
+
+
+def cut(
+    model: nn.Module, index: GroupIndex, scores: torch.Tensor, params: int, uniform: bool = False, latency: LatencyFit | None = None
+) -> PruneResult:
+    """Remove the groups `scores` ranks lowest until the mixers have at most `params` parameters (what
+    `prune` does once it has scores; callers that already scored the groups call it directly)."""
+    before = mixer_parameters(model)
+    remove = choose(index, scores, params, uniform)
     model.replacer_record.setdefault("shapes", {}).update(shrink(model, index, remove))
     return PruneResult(
         mixer_params_before=before,
         mixer_params_after=mixer_parameters(model),
         removed_groups=len(remove),
         removed_by_site=dict(Counter(index.sites[g] for g in remove)),
-        latency=fit,
+        latency=latency,
     )
 
 
 __all__ = [
-    "GroupIndex", "Importance", "LatencyFit", "Measure", "PruneResult", "apply_shapes", "fit_latency", "hoyer_square",
-    "importance_scores", "mixer_parameters", "prune",
+    "GroupIndex", "Importance", "LatencyFit", "Measure", "PruneResult", "apply_shapes", "cut", "fit_latency",
+    "hoyer_square", "importance_scores", "mixer_parameters", "prune",
 ]

@@ -31,10 +31,11 @@ class LatencyFit:
 
 def fit_latency(
     model: nn.Module, index: GroupIndex, scores: torch.Tensor, target_ms: float, measure: Measure,
-    uniform: bool = False, tolerance: float = 0.01,
+    uniform: bool = False, tolerance: float = 0.01, current_ms: float | None = None,
 ) -> LatencyFit:
     """The largest mixer parameter count (within `tolerance` of all mixer parameters) whose pruned copy
-    runs within `target_ms`; raises when even the deepest cut is too slow. `model` is not changed."""
+    runs within `target_ms`; raises when even the deepest cut is too slow. `model` is not changed;
+    `current_ms` is its latency when the caller has already timed it."""
     total = ParameterCount(index).total
 
     def timed(params: int) -> tuple[float, int]:
@@ -46,7 +47,7 @@ def fit_latency(
             count.remove(gid)
         return measure(pruned), count.total
 
-    current_ms = measure(model)
+    current_ms = measure(model) if current_ms is None else current_ms
     if current_ms <= target_ms:
         return LatencyFit(total, current_ms, target_ms)
     floor_ms, floor_params = timed(0)

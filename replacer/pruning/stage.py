@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+import torch
 from torch import nn
 
 import replacer
@@ -21,7 +22,7 @@ from replacer.batches import BatchPlan
 from replacer.distill.end_to_end import student_loss, tune_end_to_end
 from replacer.distributed import SINGLE, World
 from replacer.errors import ReplacerError
-from replacer.pruning import GroupIndex, hoyer_square, importance_scores, mixer_parameters, prune
+from replacer.pruning import GroupIndex, cut, hoyer_square, importance_scores, mixer_parameters
 from replacer.pruning.latency import Measure, fit_latency
 from replacer.recipe import PruneSpec, TuneSpec
 from replacer.tasks import Task
@@ -73,15 +74,17 @@ def prune_budgets(
         losses = None
         if spec.importance == "taylor":
             losses = [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(spec.taylor_batches)]
+        index = GroupIndex.of(student)
+        scores = importance_scores(index, spec.importance, losses)
         timing = {}
         if spec.target == "latency":
-            timing = _fit_on_main(student, spec, losses, budget * tuned_ms if world.is_main else 0.0, measure, world)
+            timing = _fit_on_main(student, index, scores, spec, budget * tuned_ms if world.is_main else 0.0, measure, world)
             params = timing.pop("params")
             timing["tuned_ms"] = tuned_ms
         else:
             params = round(budget * tuned_params)
-        cut = prune(student, params=params, importance=spec.importance, losses=losses, uniform=spec.uniform)
-        log({"stage": "prune", "budget": budget, "mixer_params": cut.mixer_params_after, "removed_by_site": cut.removed_by_site, **timing})
+        result = cut(student, index, scores, params, spec.uniform)
+        log({"stage": "prune", "budget": budget, "mixer_params": result.mixer_params_after, "removed_by_site": result.removed_by_site, **timing})
         state = folder / f"{name}.state"
         if spec.recovery_steps:
             with progress.task(f"prune: recover {name}", spec.recovery_steps) as advance:
@@ -91,22 +94,21 @@ def prune_budgets(
             clear_state(state)
         world.barrier()
         results[name] = {
-            "budget": budget, "mixer_params": cut.mixer_params_after, "mixer_params_tuned": tuned_params,
-            "removed_groups": cut.removed_groups, "seconds": round(time.time() - start, 1), **timing,
+            "budget": budget, "mixer_params": result.mixer_params_after, "mixer_params_tuned": tuned_params,
+            "removed_groups": result.removed_groups, "seconds": round(time.time() - start, 1), **timing,
         }
     return results
 
 
 def _fit_on_main(
-    student: nn.Module, spec: PruneSpec, losses: list | None, target_ms: float, measure: Measure, world: World
+    student: nn.Module, index: GroupIndex, scores: torch.Tensor, spec: PruneSpec, target_ms: float, measure: Measure, world: World
 ) -> dict:
     """Rank 0 times pruned copies to find the parameter count within `target_ms`; every rank gets its answer
     (or its error, so no rank waits for an answer that never comes)."""
     found: dict = {}
     if world.is_main:
         try:
-            index = GroupIndex.of(student)
-            fit = fit_latency(student, index, importance_scores(index, spec.importance, losses), target_ms, measure, spec.uniform)
+            fit = fit_latency(student, index, scores, target_ms, measure, spec.uniform)
             found = {"params": fit.params, "latency_ms": fit.latency_ms, "target_ms": fit.target_ms}
         except ReplacerError as exc:
             found = {"error": str(exc)}
