@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager, Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -20,26 +20,32 @@ def _is_timm(module: nn.Module, names: set[str]) -> bool:
 
 
 @contextlib.contextmanager
-def _record_probabilities(module: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """timm's unfused path applies `attn_drop` to the probabilities: turn fusing off and read its input."""
-    recorded: list[torch.Tensor] = []
-
-    def keep(_module: nn.Module, args: tuple) -> None:
-        recorded.append(args[0].detach())
-
+def _on_probabilities(module: nn.Module, hook: Callable[[nn.Module, tuple], tuple | None]) -> Iterator[None]:
+    """timm's unfused path applies `attn_drop` to the probabilities: turn fusing off and hook its input."""
     fused = module.fused_attn
     module.fused_attn = False
-    handle = module.attn_drop.register_forward_pre_hook(keep)
+    handle = module.attn_drop.register_forward_pre_hook(hook)
     try:
-        yield recorded
+        yield
     finally:
         handle.remove()
         module.fused_attn = fused
 
 
 @contextlib.contextmanager
+def _record_probabilities(module: nn.Module) -> Iterator[list[torch.Tensor]]:
+    recorded: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, args: tuple) -> None:
+        recorded.append(args[0].detach())
+
+    with _on_probabilities(module, keep):
+        yield recorded
+
+
+@contextlib.contextmanager
 def _top_k_probabilities(module: nn.Module, top_k: int) -> Iterator[None]:
-    """The unfused path with each row of probabilities cut to its k largest entries and renormalised."""
+    """Each row of probabilities cut to its k largest entries and renormalised."""
 
     def sparsify(_module: nn.Module, args: tuple) -> tuple:
         probs = args[0]
@@ -47,14 +53,8 @@ def _top_k_probabilities(module: nn.Module, top_k: int) -> Iterator[None]:
         kept = probs * (probs >= probs.topk(k, dim=-1).values[..., -1:])
         return (kept / kept.sum(-1, keepdim=True),)
 
-    fused = module.fused_attn
-    module.fused_attn = False
-    handle = module.attn_drop.register_forward_pre_hook(sparsify)
-    try:
+    with _on_probabilities(module, sparsify):
         yield
-    finally:
-        handle.remove()
-        module.fused_attn = fused
 
 
 class TimmAdapter(Adapter):

@@ -37,39 +37,45 @@ def _rope_note(module: nn.Module) -> str:
 
 
 @contextlib.contextmanager
+def _attention_implementation(module: nn.Module, name: str) -> Iterator[None]:
+    """The module's config switched to another registered attention implementation for the duration."""
+    config = module.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+
+
+@contextlib.contextmanager
 def _record_eager_attention(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     """transformers attention returns `(output, weights)`; weights are only computed by the eager
-    implementation, so the module's config is switched to it for the duration."""
+    implementation, so the module runs eager for the duration."""
     recorded: list[torch.Tensor] = []
 
     def keep(_module: nn.Module, _args: tuple, output: tuple) -> None:
         recorded.append(output[1].detach())
 
-    config = module.config
-    previous = config._attn_implementation
-    config._attn_implementation = "eager"
     handle = module.register_forward_hook(keep)
     try:
-        yield recorded
+        with _attention_implementation(module, "eager"):
+            yield recorded
     finally:
         handle.remove()
-        config._attn_implementation = previous
 
 
 @contextlib.contextmanager
 def _top_k_attention(module: nn.Module, top_k: int) -> Iterator[None]:
-    """The module's config switched to replacer's registered top-k attention (and eager-style masks)."""
+    """replacer's registered top-k attention (and eager-style masks) for the duration."""
     from replacer_transformers.sparse_attention import NAME
 
-    config = module.config
-    previous = config._attn_implementation
-    config._attn_implementation = NAME
     module.replacer_top_k = top_k
     try:
-        yield
+        with _attention_implementation(module, NAME):
+            yield
     finally:
         del module.replacer_top_k
-        config._attn_implementation = previous
 
 
 class HFAdapter(Adapter):
