@@ -1,6 +1,6 @@
 """replacer: swap the attention of pretrained transformers for cheaper sequence mixers."""
 
-__version__ = "0.1.0"
+from replacer.version import __version__  # noqa: E402,F401
 
 from replacer.analyzer import AnalyzerSpec  # noqa: E402
 from replacer.checkpoint import load, save  # noqa: E402

@@ -306,20 +306,23 @@ def plot_token_similarity(
 def read_losses(metrics_jsonl: str | Path) -> dict[str, dict[str, dict[int, float]]]:
     """{"distill": {site: {step: loss}}, stage: {stage: {step: loss}}} from a run's metrics.jsonl.
 
-    A resumed run logs the steps after its last checkpoint again; the last record of a step wins.
+    A resumed run logs the steps after its last checkpoint again; the last record of a step wins. It is
+    a log: a line a kill cut short (or any line that is not a JSON record) is one lost point, skipped.
     """
     series: dict[str, dict[str, dict[int, float]]] = {}
-    for line in Path(metrics_jsonl).read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if "step" not in record or "loss" not in record:
+    for line in Path(metrics_jsonl).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or "step" not in record or "loss" not in record:
+                continue
+            step, loss = int(record["step"]), float(record["loss"])
+        except (ValueError, TypeError):
             continue
         if "site" in record:
-            panel, name = "distill", record["site"]
+            panel, name = "distill", str(record["site"])
         else:
-            panel = name = record.get("stage", "train")
-        series.setdefault(panel, {}).setdefault(name, {})[int(record["step"])] = float(record["loss"])
+            panel = name = str(record.get("stage", "train"))
+        series.setdefault(panel, {}).setdefault(name, {})[step] = loss
     return series
 
 

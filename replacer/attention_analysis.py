@@ -12,6 +12,7 @@ from torch import nn
 from replacer.batches import BatchPlan
 from replacer.errors import ReplacerError
 from replacer.graph.scan import scan
+from replacer.files import read_or_explain, write_text_atomically
 from replacer.plugins import get_registry
 from replacer.recipe import AnalyzeSpec
 from replacer.tasks import Task
@@ -23,7 +24,7 @@ def analyze_teacher(teacher: nn.Module, task: Task, plan: BatchPlan, spec: Analy
     """Statistics per site of the teacher on `spec.batches` training batches, cached in `folder`."""
     cached = folder / RESULT
     if cached.is_file():
-        return json.loads(cached.read_text())
+        return read_or_explain(cached, lambda f: json.loads(f.read_text()), "delete it to analyse the teacher again")
     analyzer = get_registry().analyzer(spec.analyzer)
     sites = scan(teacher).sites
     if not sites:
@@ -34,9 +35,7 @@ def analyze_teacher(teacher: nn.Module, task: Task, plan: BatchPlan, spec: Analy
     except TypeError as exc:
         raise ReplacerError(f"analyze.options {spec.options} do not suit analyzer '{spec.analyzer}': {exc}") from None
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp")
-    tmp.write_text(json.dumps(statistics, indent=2))
-    tmp.replace(cached)
+    write_text_atomically(cached, json.dumps(statistics, indent=2))
     return statistics
 
 

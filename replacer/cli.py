@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import json
+import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from replacer.errors import ReplacerError
+from replacer.errors import ReplacerError, summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 # Tables stay readable when piped: a non-terminal gets a wide console instead of 80 columns.
@@ -32,12 +36,48 @@ def _show_engine_notes() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _fail(exc: Exception) -> None:
-    errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
+def _fail(message: object, code: int = 2) -> NoReturn:
+    errors.print(f"[bold red]error:[/bold red] {escape(str(message))}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=code)
+
+
+def _os_problem(exc: OSError) -> str:
+    """A failed read or write as one line: which file, what the system said, and what to do."""
+    where = f" {exc.filename}" if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.ENOSPC:
+        fix = "free some disk space, then run the same command again (finished work is kept)"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        fix = "make it writable (or readable), or point the command at another folder"
+    else:
+        fix = "check the path and run the same command again"
+    return f"cannot use{where}: {reason}; {fix}"
+
+
+def one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Every failure of a command is one line on stderr: exit 2 for the user's input and the machine's
+    files, 1 for anything unforeseen (with REPLACER_TRACEBACK=1 to see where it came from)."""
+
+    @functools.wraps(command)
+    def guarded(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except ReplacerError as exc:
+            _fail(exc)
+        except OSError as exc:
+            _fail(_os_problem(exc))
+        except Exception as exc:  # noqa: BLE001 - a bug still gets one readable line
+            if os.environ.get("REPLACER_TRACEBACK") == "1":
+                raise
+            _fail(f"unexpected {type(exc).__name__}: {summary(exc)} (set REPLACER_TRACEBACK=1 to see where; please report it)", 1)
+
+    return guarded
 
 
 @app.command()
+@one_line_errors
 def scan(
     model: str = typer.Argument(..., help="timm name, local HF model dir, hf:ID, minilm, smollm2 or module:callable"),
     pretrained: bool = typer.Option(False, help="load pretrained weights (structure alone is enough to scan)"),
@@ -46,13 +86,11 @@ def scan(
     from replacer.graph.scan import scan as scan_model
     from replacer.models import load_model
 
-    try:
-        console.print(scan_model(load_model(model, pretrained=pretrained)))
-    except ReplacerError as exc:
-        _fail(exc)
+    console.print(scan_model(load_model(model, pretrained=pretrained)))
 
 
 @app.command()
+@one_line_errors
 def plugins() -> None:
     """List installed plugins, the distribution each comes from, and what it provides."""
     from replacer.plugins import get_registry
@@ -61,7 +99,12 @@ def plugins() -> None:
     for col in ("plugin", "distribution", "version", "provides", "status"):
         table.add_column(col, overflow="fold")
     for p in get_registry().plugins:
-        status = f"[red]failed: {p.error}[/red]" if p.error else "[green]ok[/green]"
+        if p.error:
+            status = f"[red]failed: {p.error}[/red]"
+        elif p.problems:
+            status = "[yellow]" + "\n".join(escape(problem) for problem in p.problems) + "[/yellow]"
+        else:
+            status = "[green]ok[/green]"
         table.add_row(p.name, p.distribution, p.version, "\n".join(p.provides), status)
     console.print(table)
 
@@ -77,6 +120,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 
 
 @app.command()
+@one_line_errors
 def replace(
     model: str = typer.Argument(..., help="model source, as for `replacer scan`"),
     out: Path = typer.Option(..., "--out", "-o", help="directory to save the replaced model into"),
@@ -87,15 +131,15 @@ def replace(
 ) -> None:
     """Replace the attention of MODEL with mixers from a plugin and save the result (untrained mixers)."""
     import replacer
+    from replacer.checkpoint import check_destination
 
-    try:
-        teacher = replacer.load_model(model, pretrained=pretrained)
-        selectors = [int(s) if s.isdigit() else s for s in site] if site else None
-        options = dict(_parse_option(o) for o in option or [])
-        student = replacer.replace(teacher, plugin=plugin, sites=selectors, options=options)
-        saved = replacer.save(student, out)
-    except ReplacerError as exc:
-        _fail(exc)
+    selectors = [int(s) if s.isdigit() else s for s in site] if site else None
+    options = dict(_parse_option(o) for o in option or [])
+    replacer.get_registry().mixer(plugin).validate_options(options)
+    check_destination(out)
+    teacher = replacer.load_model(model, pretrained=pretrained)
+    student = replacer.replace(teacher, plugin=plugin, sites=selectors, options=options)
+    saved = replacer.save(student, out)
     replaced = sum(len(r["sites"]) for r in student.replacer_record["replacements"])
     before, after = replacer.count_parameters(teacher), replacer.count_parameters(student)
     console.print(
@@ -105,25 +149,26 @@ def replace(
 
 
 @app.command()
+@one_line_errors
 def validate(
     recipe: Path = typer.Argument(..., help="recipe YAML"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override KEY.PATH=VALUE; repeatable"),
 ) -> None:
-    """Check a recipe (and overrides) without running it."""
+    """Check a recipe (and overrides) without running it: its fields, and the plugins and options it names."""
+    from replacer.components import check_components
     from replacer.recipe import load_recipe
 
-    try:
-        loaded = load_recipe(recipe, set_)
-    except ReplacerError as exc:
-        _fail(exc)
+    loaded = load_recipe(recipe, set_)
+    check_components(loaded)
     console.print(f"{recipe}: valid recipe '{loaded.name}' (run dir {loaded.directory})")
 
 
 @app.command()
+@one_line_errors
 def run(
     recipe: Path = typer.Argument(..., help="recipe YAML"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override KEY.PATH=VALUE; repeatable"),
-    restart: bool = typer.Option(False, help="discard the run directory and start over"),
+    restart: bool = typer.Option(False, help="discard the run directory's work and start over (only a replacer run directory)"),
 ) -> None:
     """Run a recipe: distill, tune, evaluate, export. Run it again to resume after an interruption.
 
@@ -133,12 +178,10 @@ def run(
     from replacer.recipe import load_recipe
     from replacer.run import run_recipe
 
+    loaded = load_recipe(recipe, set_)
     try:
-        loaded = load_recipe(recipe, set_)
         with world_from_environment() as world:
-            report = run_recipe(loaded, restart=restart, console=console, world=world)
-    except ReplacerError as exc:
-        _fail(exc)
+            report = run_recipe(loaded, restart=restart, console=console, world=world, recipe_file=recipe)
     except KeyboardInterrupt:
         errors.print("interrupted: run the same command again to resume from the last checkpoint")
         raise typer.Exit(code=130)
@@ -150,6 +193,7 @@ def run(
 
 
 @app.command()
+@one_line_errors
 def analyze(
     target: str = typer.Argument(..., help="a recipe YAML, or a text model source (minilm, smollm2, hf:ID, a folder)"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override KEY.PATH=VALUE; repeatable"),
@@ -163,18 +207,16 @@ def analyze(
     from replacer.recipe import load_recipe, recipe_for_model
     from replacer.run import analyze_recipe
 
-    try:
-        path = Path(target)
-        loaded = load_recipe(path, set_) if path.suffix in (".yaml", ".yml") else recipe_for_model(target, set_)
-        folder = out or loaded.directory / "analysis"
-        statistics = analyze_recipe(loaded, folder, console)
-    except ReplacerError as exc:
-        _fail(exc)
+    path = Path(target)
+    loaded = load_recipe(path, set_) if path.suffix in (".yaml", ".yml") else recipe_for_model(target, set_)
+    folder = out or loaded.directory / "analysis"
+    statistics = analyze_recipe(loaded, folder, console)
     console.print(layer_table(statistics))
     console.print(f"per head: {folder / RESULT}; heatmap: {folder / 'teacher_attention.png'}")
 
 
 @app.command("recipe-reference")
+@one_line_errors
 def recipe_reference() -> None:
     """Print the recipe reference (markdown) generated from the recipe models."""
     from replacer.recipe import reference_markdown

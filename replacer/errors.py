@@ -35,3 +35,38 @@ class UnsupportedCallError(ReplacerError):
 
 class DataError(ReplacerError):
     """A data source is missing or unreadable."""
+
+
+class DamagedFileError(ReplacerError):
+    """A file replacer wrote earlier (a checkpoint, a run's state) cannot be read back."""
+
+
+class RunDirectoryError(ReplacerError):
+    """A run directory cannot be used: it is not a replacer run, holds the user's files, or is in use."""
+
+
+class DivergedError(ReplacerError):
+    """Training produced a NaN or infinite loss, or a model produced non-finite outputs."""
+
+
+class PluginConflictError(UnknownPluginError):
+    """Two installed plugins provide the same name and neither may be chosen silently."""
+
+
+class UntrustedCodeError(CheckpointError):
+    """A checkpoint asks to run code (a module:callable origin) that the caller has not allowed."""
+
+
+def summary(exc: BaseException) -> str:
+    """An exception's message as one line that says what is wrong.
+
+    Libraries put a header first (torch's "Error(s) in loading state_dict") or end a line with ':'
+    before the detail; both are joined with the line that follows.
+    """
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    head = lines[0]
+    if len(lines) > 1 and (head.endswith(":") or head.startswith("Error(s) in loading")):
+        head = f"{head} {lines[1]}"
+    return head

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from replacer import analysis
+from replacer.errors import DivergedError
 from replacer.models import count_parameters
 from replacer.pruning import mixer_parameters
 from replacer.pruning.stage import budget_family
@@ -18,9 +19,20 @@ from replacer.tasks import Batch, Task
 
 
 @torch.no_grad()
-def outputs(task: Task, model: nn.Module, batches: list[Batch]) -> list[dict]:
+def outputs(task: Task, model: nn.Module, batches: list[Batch], name: str = "the model") -> list[dict]:
+    """The model's outputs on every batch; NaN or infinity stops evaluation with the model and batch named."""
     model.eval()
-    return [task.run(model, b) for b in batches]
+    result = []
+    for k, batch in enumerate(batches):
+        out = task.run(model, batch)
+        for key, value in out.items():
+            if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise DivergedError(
+                    f"{name}'s output '{key}' is not finite on held-out batch {k}; "
+                    + ("check the teacher's weights and inputs" if name == "teacher" else "train it again with a lower lr")
+                )
+        result.append(out)
+    return result
 
 
 @torch.no_grad()
@@ -43,11 +55,11 @@ def evaluate(
 
     `timed` maps batch sizes to the batches whose CPU latency is measured (median of `latency_repeats`).
     """
-    teacher_out = outputs(task, teacher, batches)
+    teacher_out = outputs(task, teacher, batches, "teacher")
     result: dict[str, Any] = {
         "params": {"teacher": count_parameters(teacher), **{k: count_parameters(m) for k, m in models.items()}},
         "mixer_params": {k: mixer_parameters(m) for k, m in models.items()},
-        "fidelity": {k: task.compare(teacher_out, outputs(task, m, batches), batches) for k, m in models.items()},
+        "fidelity": {k: task.compare(teacher_out, outputs(task, m, batches, k), batches) for k, m in models.items()},
     }
     footprints = {k: task.cache_footprint(m, batches[0]) for k, m in {"teacher": teacher, **models}.items()}
     if footprints["teacher"] is not None:

@@ -6,6 +6,7 @@ and all that is missing is reported in one line.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from replacer.errors import ModelSourceError, ReplacerError
+from replacer.errors import ModelSourceError, ReplacerError, summary
 from replacer.models import load_model
 from replacer.plugins import get_registry
 from replacer.recipe import DataSource, DigitsData, IdxData, ImageFolderData, ModelSpec, Recipe, TextData
@@ -45,13 +46,26 @@ def load_teacher(spec: ModelSpec) -> nn.Module:
         raise MissingInputError(f"model.checkpoint {spec.checkpoint} does not exist")
     model = load_model(spec.source, pretrained=False, kwargs=spec.kwargs)
     state = read_weights(spec.checkpoint)
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ModelSourceError(
-            f"model.checkpoint {spec.checkpoint} does not fit {spec.source}: {str(exc).splitlines()[1].strip()}"
-        ) from None
+    mismatch = state_dict_mismatch(model, state)
+    if mismatch:
+        raise ModelSourceError(f"model.checkpoint {spec.checkpoint} does not fit {spec.source}: {mismatch}")
+    model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def state_dict_mismatch(model: nn.Module, state: dict[str, Any]) -> str | None:
+    """What keeps `state` from loading into `model` strictly (missing, unexpected, mis-shaped keys), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+        if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)
+    ]
+    parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''} ({len(items)})"
+             for label, items in (("missing", missing), ("unexpected", unexpected), ("shape differs", shapes)) if items]
+    return "; ".join(parts) if parts else None
+
 
 
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -60,8 +74,13 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ModelSourceError(
+            f"model.checkpoint {path} is a pickle that holds more than tensors, and replacer never unpickles code; "
+            "save its state_dict as .safetensors (in a trusted environment) and point model.checkpoint at that"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
-        raise ModelSourceError(f"model.checkpoint {path} cannot be read: {str(exc).splitlines()[0]}") from None
+        raise ModelSourceError(f"model.checkpoint {path} cannot be read: {summary(exc)}") from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

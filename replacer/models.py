@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 import socket
 from typing import Any
 
 from torch import nn
 
-from replacer.errors import CheckpointError, ModelSourceError
+from replacer.errors import CheckpointError, ModelSourceError, UntrustedCodeError, summary
 from replacer.plugins import get_registry
 
 SOURCE_FORMS = (
@@ -41,15 +42,25 @@ def _is_callable_source(source: str) -> bool:
 
 
 def _call_factory(source: str, kwargs: dict) -> nn.Module:
+    """Import and call a user's `module:callable`; every failure is one ModelSourceError line."""
     module_name, _, attr = source.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ModelSourceError(f"cannot import '{source}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - a module that fails to import fails the same way for the user
+        raise ModelSourceError(f"cannot import '{source}': {type(exc).__name__}: {summary(exc)}") from None
+    if not callable(factory):
+        raise ModelSourceError(f"'{source}' is a {type(factory).__name__}, not a callable that returns a model")
+    try:
+        inspect.signature(factory).bind(**kwargs)
+    except TypeError as exc:
+        given = f"the model.kwargs given ({', '.join(kwargs)})" if kwargs else "being called without arguments"
+        raise ModelSourceError(f"'{source}' does not accept {given}: {exc}") from None
+    except ValueError:  # a builtin without a readable signature: calling it will tell
+        pass
     try:
         model = factory(**kwargs)
-    except TypeError as exc:
-        raise ModelSourceError(f"'{source}' does not take the model.kwargs given ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - the user's own code failed; name it and what it raised
+        raise ModelSourceError(f"'{source}' raised {type(exc).__name__}: {summary(exc)}") from None
     if not isinstance(model, nn.Module):
         raise ModelSourceError(f"'{source}' returned a {type(model).__name__}, not a torch.nn.Module")
     model.replacer_origin = {"family": "callable", "target": source, **({"kwargs": kwargs} if kwargs else {})}
@@ -73,14 +84,30 @@ def describe_origin(model: nn.Module) -> dict | None:
     return getattr(model, "replacer_origin", None) or get_registry().describe_model(model)
 
 
-def build_from_origin(origin: dict | None) -> nn.Module:
-    """A freshly initialised model from `describe_origin`'s output."""
+def build_from_origin(origin: dict | None, trust_remote_code: bool = False) -> nn.Module:
+    """A freshly initialised model from `describe_origin`'s output.
+
+    Origins are data: a plugin's family rebuilds them. An origin naming a `module:callable` would run
+    that code, so it is refused unless `trust_remote_code` is set.
+    """
     if origin is None:
         raise CheckpointError(
             "the checkpoint does not say how to rebuild its base model; pass base=<a model of the same architecture>"
         )
-    if origin.get("family") == "callable":
-        return _call_factory(origin["target"], origin.get("kwargs", {}))
+    if not isinstance(origin.get("family"), str):
+        raise CheckpointError("the checkpoint's origin names no model family; save the model again, or pass base=")
+    if origin["family"] == "callable":
+        target = origin.get("target")
+        if not trust_remote_code:
+            raise UntrustedCodeError(
+                f"the checkpoint's base model is built by calling {target!r}, which would run that code; pass "
+                "trust_remote_code=True to replacer.load only if you trust where the checkpoint came from, or pass "
+                "base=<a model of the same architecture>"
+            )
+        kwargs = origin.get("kwargs", {})
+        if not isinstance(target, str) or not _is_callable_source(target) or not isinstance(kwargs, dict):
+            raise CheckpointError(f"the checkpoint's origin {origin} is not a module:callable with keyword arguments")
+        return _call_factory(target, kwargs)
     model = get_registry().build_model(origin)
     if model is None:
         raise CheckpointError(

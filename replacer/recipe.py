@@ -15,9 +15,9 @@ from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from replacer.errors import ReplacerError
+from replacer.errors import ReplacerError, summary
 
 
 class RecipeError(ReplacerError):
@@ -87,7 +87,7 @@ class TeacherSpec(Strict):
         False, description="train the teacher from scratch on data.train first (where no pretrained weights exist)"
     )
     steps: int = Field(2000, ge=1, description="optimizer steps (batches of data.batch_size)")
-    lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate (warm-up, then cosine decay)")
+    lr: float = Field(1e-3, gt=0, le=1, description="AdamW peak learning rate (warm-up, then cosine decay)")
     weight_decay: float = Field(0.05, ge=0, description="AdamW weight decay")
     checkpoint_every: PositiveInt = Field(200, description="steps between resumable checkpoints")
 
@@ -145,14 +145,14 @@ class SparsifySpec(Strict):
     )
     top_k: PositiveInt = Field(8, description="keys each query keeps (its highest-scoring ones)")
     recovery_steps: int = Field(100, ge=0, description="steps training the sparse teacher (every weight) to match the dense one")
-    lr: float = Field(1e-4, gt=0, description="learning rate of the recovery")
+    lr: float = Field(1e-4, gt=0, le=1, description="learning rate of the recovery")
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
 
 
 class DistillSpec(Strict):
     enabled: bool = Field(True, description="run the stage (false: mixers keep their initialisation)")
     steps: int = Field(500, ge=0, description="optimizer steps per site")
-    lr: float = Field(3e-3, gt=0, description="AdamW peak learning rate (warm-up, then cosine decay)")
+    lr: float = Field(3e-3, gt=0, le=1, description="AdamW peak learning rate (warm-up, then cosine decay)")
     loss: Literal["mse", "cosine", "mse+cosine"] = Field(
         "mse", description="against the teacher's site output; cosine is 1 - cosine per token (FAR)"
     )
@@ -172,7 +172,7 @@ class DistillSpec(Strict):
 class TuneSpec(Strict):
     enabled: bool = Field(True, description="run the stage")
     steps: int = Field(200, ge=0, description="optimizer steps")
-    lr: float = Field(1e-3, gt=0, description="learning rate of the mixers")
+    lr: float = Field(1e-3, gt=0, le=1, description="learning rate of the mixers")
     other_lr_scale: float = Field(
         0.1, gt=0, description="learning rate of the other trained parameters, as a fraction of lr (pretrained weights move less)"
     )
@@ -209,7 +209,7 @@ class PruneSpec(Strict):
     hoyer_weight: float = Field(1e-3, gt=0, description="weight of the Hoyer-square penalty (importance hoyer)")
     hoyer_steps: int = Field(100, ge=1, description="end-to-end steps with the penalty before ranking (importance hoyer)")
     recovery_steps: int = Field(100, ge=0, description="end-to-end distillation steps after each cut")
-    lr: float = Field(1e-3, gt=0, description="learning rate of the penalty and recovery steps")
+    lr: float = Field(1e-3, gt=0, le=1, description="learning rate of the penalty and recovery steps")
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
 
 
@@ -244,6 +244,13 @@ class Recipe(Strict):
     prune: PruneSpec = Field(default_factory=PruneSpec, description="global structural pruning to several budgets")
     evaluate: EvalSpec = Field(default_factory=EvalSpec, description="held-out evaluation")
     export: ExportSpec = Field(default_factory=ExportSpec, description="the final model as safetensors + manifest")
+
+    @field_validator("sites", mode="before")
+    @classmethod
+    def _some_site(cls, value: Any) -> Any:
+        if isinstance(value, list) and not value:
+            raise ValueError("[] selects no site; give all, layer indices, names or globs, or a policy")
+        return value
 
     @model_validator(mode="after")
     def _trained_teacher_starts_from_scratch(self) -> "Recipe":
@@ -290,14 +297,21 @@ def apply_override(raw: dict, assignment: str) -> None:
         if isinstance(node, list):
             node = _list_item(node, key, path)
             continue
+        if not isinstance(node, dict):
+            raise RecipeError(f"--set {path}: '{key}' is not a section")
         node = node.setdefault(key, {})
         if not isinstance(node, (dict, list)):
             raise RecipeError(f"--set {path}: '{key}' is not a section")
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        raise RecipeError(
+            f"--set {path}: the value {value!r} is not YAML ({_yaml_problem(exc)}); quote text that holds ':' or '#'"
+        ) from None
     if isinstance(node, list):
-        index = _list_index(node, keys[-1], path)
-        node[index] = yaml.safe_load(value)
+        node[_list_index(node, keys[-1], path)] = parsed
     else:
-        node[keys[-1]] = yaml.safe_load(value)
+        node[keys[-1]] = parsed
 
 
 def _list_index(items: list, key: str, path: str) -> int:
@@ -364,15 +378,28 @@ def recipe_for_model(source: str, overrides: list[str] | None = None) -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; any problem is a one-line RecipeError."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError(f"recipe {path} is a directory; give the recipe's YAML file (the files in recipes/ are examples)")
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist (the files in recipes/ are examples)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path} is not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        raise RecipeError(f"{path}: not valid YAML ({_yaml_problem(exc)})") from None
     if not isinstance(raw, dict):
         raise RecipeError(f"{path}: a recipe is a mapping of sections (name, model, data, ...)")
     return _validated(raw, overrides, str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What YAML objects to, and where: `line 3, column 7: mapping values are not allowed here`."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or summary(exc)
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def _validated(raw: dict, overrides: list[str] | None, origin: str) -> Recipe:
@@ -407,8 +434,9 @@ def reference_markdown() -> str:
 
 
 def _bounds(metadata: Any) -> list[str]:
-    """Lower bounds of a field (`> 0`, `>= 1`) from its pydantic constraints."""
-    return [f"{sign} {getattr(m, attr)}" for m in metadata for attr, sign in (("gt", ">"), ("ge", ">=")) if hasattr(m, attr)]
+    """Bounds of a field (`> 0`, `<= 1`) from its pydantic constraints."""
+    bounds = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+    return [f"{sign} {getattr(m, attr)}" for m in metadata for attr, sign in bounds if getattr(m, attr, None) is not None]
 
 
 def _type_name(annotation: Any) -> str:

@@ -122,7 +122,7 @@ def replace(
         except Unsupported as exc:
             raise SiteSelectionError(str(exc)) from None
         setattr(target.get_submodule(site.parent_name), site.attr, wrapped)
-    provider = registry.provider(f"mixer:{plugin}")
+    provider = registry.mixer_provider(plugin)
     record["replacements"].append(
         {
             "plugin": plugin,

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from replacer.files import write_text_atomically
 from replacer.pruning.stage import budget_family
 from replacer.recipe import Recipe
 from replacer.tasks import Task
@@ -39,8 +40,8 @@ def write_report(folder: Path, recipe: Recipe, task: Task, state: dict, metrics:
         "stages": state["stages"],
         **metrics,
     }
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
-    (folder / "report.md").write_text(render_markdown(report))
+    write_text_atomically(folder / "report.json", json.dumps(report, indent=2))
+    write_text_atomically(folder / "report.md", render_markdown(report))
     return report
 
 

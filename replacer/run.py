@@ -14,19 +14,18 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 import replacer
 from replacer.batches import BatchPlan
+from replacer.components import check_components
 from replacer.distill.blockwise import distill_blockwise
 from replacer.distill.end_to_end import tune_end_to_end
 from replacer.distributed import SINGLE, World
@@ -37,7 +36,9 @@ from replacer.graph.scan import scan
 from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
 from replacer.pruning.latency import Measure
 from replacer.pruning.stage import budget_name, prune_budgets
-from replacer.recipe import LATER, Recipe, RecipeError
+from replacer.recipe import Recipe
+from replacer.run_dir import RunDir
+from replacer.files import write_text_atomically
 from replacer.report import write_report
 from replacer.selection import Selection, choose_sites, needs_analysis
 from replacer.sparsify import sparsified_teacher
@@ -45,6 +46,7 @@ from replacer.tasks import Batch, Task, resolve_task
 from replacer.teacher import obtain_teacher
 from replacer.training_state import clear_state
 
+EVALUATION = "evaluation.json"
 STAGES = ("teacher", "analyze", "sparsify", "distill", "tune", "prune", "evaluate", "export")
 
 
@@ -64,63 +66,6 @@ class RunProgress:
         self.progress.update(task_id, completed=total)
 
 
-class RunDir:
-    """The run's directory and its bookkeeping files; under torchrun only rank 0 writes state.json."""
-
-    def __init__(self, recipe: Recipe, restart: bool, world: World = SINGLE) -> None:
-        self.path, self.world = recipe.directory, world
-        if world.is_main:
-            if restart and self.path.exists():
-                shutil.rmtree(self.path)
-            self.path.mkdir(parents=True, exist_ok=True)
-        world.barrier()
-        self.state_file = self.path / "state.json"
-        self.state = json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
-        fingerprint = recipe.fingerprint()
-        if self.state.get("fingerprint", fingerprint) != fingerprint:
-            raise RecipeError(
-                f"{self.path} holds a run of a different recipe (or different --set values); "
-                "pass --restart to start it over, or set run_dir to another folder"
-            )
-        self.state.setdefault("fingerprint", fingerprint)
-        self.state.setdefault("stages", {})
-        self._redo_changed_sections(recipe.section_fingerprints())
-        if world.is_main:
-            (self.path / "recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-            self._save()
-        world.barrier()
-
-    def _redo_changed_sections(self, sections: dict[str, str]) -> None:
-        """Forget the stages from the first changed later section on (their old outputs are replaced)."""
-        recorded = self.state.setdefault("sections", {})
-        changed = [name for name in LATER if recorded.get(name, sections[name]) != sections[name]]
-        if changed:
-            for stage in LATER[LATER.index(changed[0]):]:
-                self.state["stages"].pop(stage, None)
-            if changed[0] == "prune" and self.world.is_main:
-                for old in [self.path / "prune", *self.path.glob("students/pruned-*"), self.path / "students" / "hoyer"]:
-                    shutil.rmtree(old, ignore_errors=True)
-        self.state["sections"] = sections
-
-    def _save(self) -> None:
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        tmp.replace(self.state_file)
-
-    def done(self, stage: str) -> bool:
-        return stage in self.state["stages"]
-
-    def finish(self, stage: str, seconds: float, **info: Any) -> None:
-        self.state["stages"][stage] = {"seconds": round(seconds, 1), **info}
-        if self.world.is_main:
-            self._save()
-
-    def log(self, record: dict) -> None:
-        """Append one record; ranks append whole lines, so records from several ranks interleave safely."""
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
-
 def _student(recipe: Recipe, teacher: nn.Module, selection: Selection) -> nn.Module:
     """The replaced model before training; seeded, so the undistilled baseline starts identically."""
     torch.manual_seed(recipe.seed)
@@ -132,6 +77,7 @@ def _student(recipe: Recipe, teacher: nn.Module, selection: Selection) -> nn.Mod
 def prepare(recipe: Recipe) -> tuple[nn.Module, Task, BatchPlan]:
     """The teacher as loaded (seeded: a randomly initialised one is the same in every run and on every
     rank), the task it computes and the training batches; every missing input fails here, at once."""
+    check_components(recipe)
     torch.manual_seed(recipe.seed)
     teacher = preflight(recipe)
     task = resolve_task(recipe.model.task, teacher, load_tokenizer(recipe), is_text(recipe), _max_length(recipe))
@@ -155,18 +101,26 @@ def analyze_recipe(recipe: Recipe, folder: Path, console: Console) -> dict[str, 
 
 
 def run_recipe(
-    recipe: Recipe, restart: bool = False, console: Console | None = None, world: World = SINGLE
+    recipe: Recipe, restart: bool = False, console: Console | None = None, world: World = SINGLE,
+    recipe_file: Path | None = None,
 ) -> dict[str, Any] | None:
     """Run (or resume) every stage of `recipe`; returns the report dict (None on ranks other than 0).
 
     Under torchrun (`world`), ranks share the block-wise sites and the tuning batches; rank 0 alone
     trains the teacher, evaluates and exports, while the others wait or, after tuning, stop.
+    `recipe_file` is where the recipe was read from: a run directory may never hold it.
     """
     console = console or Console()
     if not world.is_main:
         console = Console(quiet=True)
     teacher, task, plan = prepare(recipe)
-    run = RunDir(recipe, restart, world)
+    with RunDir(recipe, restart, world, recipe_file) as run:
+        return _run_stages(recipe, run, teacher, task, plan, console, world)
+
+
+def _run_stages(
+    recipe: Recipe, run: RunDir, teacher: nn.Module, task: Task, plan: BatchPlan, console: Console, world: World
+) -> dict[str, Any] | None:
     held_out = load_examples(recipe.data.eval, recipe.seed + 1)
     progress = RunProgress(console)
     stage_dir = run.path / "students"
@@ -228,7 +182,7 @@ def run_recipe(
             run.finish("prune", time.time() - start, budgets=budgets)
         if not world.is_main:
             return None
-        if not run.done("evaluate"):
+        if not run.done("evaluate") or _read_evaluation(run.path) is None:
             start = time.time()
             eval_plan = BatchPlan(held_out, recipe.data.batch_size, task.collate, shuffle=False, lengths=_lengths(held_out))
             batches = [eval_plan.batch(k) for k in range(len(eval_plan))]
@@ -251,13 +205,13 @@ def run_recipe(
             if recipe.evaluate.figures:
                 figures = write_figures(run.path / "figures", metrics, dense, student, task, batches[0], run.path / "metrics.jsonl")
                 metrics["figures"] = [str(f.relative_to(run.path)) for f in figures]
-            (run.path / "evaluation.json").write_text(json.dumps(metrics, indent=2))
+            write_text_atomically(run.path / EVALUATION, json.dumps(metrics, indent=2))
             run.finish("evaluate", time.time() - start)
         if recipe.export.enabled and not run.done("export"):
             start = time.time()
             replacer.save(student, run.path / "model")
             run.finish("export", time.time() - start)
-    metrics = json.loads((run.path / "evaluation.json").read_text())
+    metrics = _read_evaluation(run.path)
     if statistics is not None:
         metrics["teacher_attention"] = statistics
         if (run.path / "figures" / "teacher_attention.png").is_file():
@@ -266,6 +220,15 @@ def run_recipe(
     metrics["replaced_sites"] = [s.name for s in replaced]
     metrics["replaced_heads"] = {s.name: (sites.heads or {}).get(s.name, list(range(s.num_heads))) for s in replaced}
     return write_report(run.path, recipe, task, run.state, metrics)
+
+
+def _read_evaluation(folder: Path) -> dict[str, Any] | None:
+    """The evaluate stage's figures; None when they are missing or damaged, so the stage runs again."""
+    try:
+        metrics = json.loads((folder / EVALUATION).read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) and "fidelity" in metrics else None
 
 
 def _timed_batches(recipe: Recipe, task: Task, held_out: list) -> dict[int, Batch]:

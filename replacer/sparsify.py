@@ -15,6 +15,7 @@ from torch import nn
 from replacer.batches import BatchPlan
 from replacer.distill.end_to_end import tune_end_to_end
 from replacer.distributed import SINGLE, World
+from replacer.files import read_or_explain, write_atomically
 from replacer.graph.scan import scan
 from replacer.plugins import get_registry
 from replacer.recipe import SparsifySpec, TuneSpec
@@ -44,7 +45,7 @@ def sparsified_teacher(
     sparse = stack.enter_context(sparse_attention(copy.deepcopy(dense), spec.top_k))
     weights = folder / "model.safetensors"
     if weights.is_file():
-        load_model(sparse, str(weights))
+        read_or_explain(weights, lambda f: load_model(sparse, str(f)), "delete it to recover the sparse teacher again")
     elif spec.recovery_steps:
         folder.mkdir(parents=True, exist_ok=True)
         recovery = tune.model_copy(update={
@@ -55,7 +56,7 @@ def sparsified_teacher(
         with progress.task(f"sparsify: top-{spec.top_k} teacher recovery", spec.recovery_steps) as advance:
             tune_end_to_end(sparse, dense, task, plan, recovery, state, advance, log, world, record={"stage": "sparsify"})
         if world.is_main:
-            save_model(sparse, str(weights))
+            write_atomically(weights, lambda tmp: save_model(sparse, str(tmp)))
             clear_state(state)
         world.barrier()
     base = copy.deepcopy(dense)

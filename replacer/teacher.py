@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable
 
@@ -20,7 +19,8 @@ from torch import nn
 
 from replacer.batches import BatchPlan
 from replacer.distill.loop import train_loop
-from replacer.errors import CheckpointError, ReplacerError
+from replacer.errors import CheckpointError, ReplacerError, summary
+from replacer.files import write_atomically
 from replacer.recipe import Recipe
 from replacer.tasks import Task
 from replacer.training_state import clear_state
@@ -73,9 +73,7 @@ def obtain_teacher(
         train_loop(params, optimizer, loss_at, spec.steps, spec.lr, spec.checkpoint_every, state, {"stage": "teacher"}, advance, log)
     finally:
         model.eval()
-    tmp = folder / "model.tmp"
-    save_model(model, str(tmp))
-    os.replace(tmp, weights)
+    write_atomically(weights, lambda tmp: save_model(model, str(tmp)))
     clear_state(state)
     return model, True
 
@@ -84,6 +82,6 @@ def _load(model: nn.Module, path: Path) -> None:
     try:
         missing, unexpected = load_model(model, str(path), strict=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable cache file is the same problem
-        raise CheckpointError(f"cached teacher {path} cannot be read ({str(exc).splitlines()[0]}); delete it to retrain") from None
+        raise CheckpointError(f"cached teacher {path} cannot be read ({summary(exc)}); delete it to retrain") from None
     if missing or unexpected:
         raise CheckpointError(f"cached teacher {path} does not fit the model (missing {missing[:3]}); delete it to retrain")

@@ -1,30 +1,33 @@
-"""Resumable training state (parameters, Adam moments, step) as safetensors plus JSON, written atomically."""
+"""Resumable training state (parameters, Adam moments, step) as one safetensors file, written atomically.
+
+Tensors and counters live in the same file (the counters in its JSON metadata), so a kill at any
+moment leaves either the previous state or the new one: never the tensors of one step with the
+step counter of another.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
+from replacer.files import read_or_explain, remove_leftovers, temporary_name, write_atomically  # noqa: F401
 
-def _files(path: Path) -> tuple[Path, Path]:
-    """The tensor and JSON files of a state; suffixes are appended, since names may contain dots."""
-    return path.with_name(path.name + ".safetensors"), path.with_name(path.name + ".json")
+META = "replacer_training_state"
 
 
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def _file(path: Path) -> Path:
+    """The state's file; the suffix is appended, since names may contain dots."""
+    return path.with_name(path.name + ".safetensors")
 
 
 def save_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    """`<path>.safetensors` holds parameters and optimizer tensors; `<path>.json` the step and the rest."""
+    """`<path>.safetensors` holds parameters and optimizer tensors, and in its metadata the step and the rest."""
     tensors = {f"param.{k}": v.detach().contiguous() for k, v in params.items()}
     index = {id(p): i for i, p in enumerate(params.values())}
     scalars: dict[str, Any] = {}
@@ -35,29 +38,42 @@ def save_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.opt
                 tensors[name] = value.detach().contiguous()
             else:
                 scalars[name] = value
-    weights, meta_file = _files(path)
-    _atomic(weights, lambda t: save_file(tensors, str(t)))
-    _atomic(meta_file, lambda t: t.write_text(json.dumps({**meta, "optimizer_scalars": scalars})))
+    metadata = {META: json.dumps({**meta, "optimizer_scalars": scalars})}
+    write_atomically(_file(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def _read(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    with safe_open(str(file), "pt") as f:
+        meta = json.loads((f.metadata() or {})[META])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("losses"), list):
+        raise ValueError("no step counter")
+    return tensors, meta
 
 
 def load_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
     """Restore what `save_state` wrote into `params` and `optimizer`; None when there is nothing to resume."""
-    weights, meta_path = _files(path)
-    if not (weights.is_file() and meta_path.is_file()):
+    file = _file(path)
+    remove_leftovers(file.parent)
+    if not file.is_file():
         return None
-    tensors = load_file(str(weights))
-    meta = json.loads(meta_path.read_text())
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(tensors[f"param.{k}"])
+    fix = "delete it to train this part again from its start, or run with --restart to redo the whole run"
+    tensors, meta = read_or_explain(file, _read, fix)
     plist = list(params.values())
-    for name, value in list(tensors.items()) + list(meta.pop("optimizer_scalars").items()):
-        if name.startswith("opt."):
-            _, i, key = name.split(".", 2)
-            optimizer.state[plist[int(i)]][key] = value
+
+    def restore(_: Path) -> None:
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(tensors[f"param.{k}"])
+        for name, value in list(tensors.items()) + list(meta.pop("optimizer_scalars").items()):
+            if name.startswith("opt."):
+                _, i, key = name.split(".", 2)
+                optimizer.state[plist[int(i)]][key] = value
+
+    read_or_explain(file, restore, fix)
     return meta
 
 
 def clear_state(path: Path) -> None:
-    for file in _files(path):
-        file.unlink(missing_ok=True)
+    _file(path).unlink(missing_ok=True)
+    path.with_name(path.name + ".json").unlink(missing_ok=True)  # the counters' file of older versions

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from replacer.run import RunDir
+from replacer.run_dir import RunDir
 
 
 def main() -> None:

@@ -110,3 +110,81 @@ def test_broken_plugin_is_named_and_does_not_break_others(third_party):
 def test_unknown_plugin_lists_installed_ones():
     with pytest.raises(replacer.UnknownPluginError, match="unknown mixer plugin 'lstn'; installed: gru, lstm, ssm"):
         replacer.replace(tiny_bert(), plugin="lstn")
+
+
+@pytest.fixture
+def install(tmp_path):
+    """Make fake distributions visible as entry points; returns a function that installs and refreshes."""
+    modules = []
+
+    def add(*dists: tuple[str, str, str, str, str]):
+        for dist, version, entry, module, source in dists:
+            _distribution(tmp_path, dist, version, entry, module, source)
+            modules.append(module)
+        return replacer.get_registry(refresh=True)
+
+    sys.path.insert(0, str(tmp_path))
+    yield add
+    sys.path.remove(str(tmp_path))
+    for name in modules:
+        sys.modules.pop(name, None)
+    replacer.get_registry(refresh=True)
+
+
+IMPOSTOR = THIRD_PARTY.replace('MixerSpec("running-mean"', 'MixerSpec("lstm"')
+
+
+def test_a_plugin_never_silently_takes_a_built_in_name(install, caplog):
+    from replacer_lstm.mixer import MultiHeadLSTM
+
+    with caplog.at_level("WARNING", logger="replacer"):
+        registry = install(("evil-lstm", "6.6.6", "aaa", "evil_lstm", IMPOSTOR))  # sorts before the built-in
+    impostor = next(p for p in registry.plugins if p.name == "aaa")
+    assert "mixer:lstm" in impostor.provides
+    problem = " ".join(impostor.problems)
+    assert "evil-lstm 6.6.6" in problem and "replacer 0.1.0" in problem and "the built-in is used" in problem
+    assert "evil-lstm 6.6.6" in caplog.text
+    assert registry.mixer_provider("lstm").distribution == "replacer"
+    with caplog.at_level("WARNING", logger="replacer"):
+        student = replacer.replace(tiny_bert().eval(), plugin="lstm")
+    assert isinstance(student.encoder.layer[0].attention.self.mixer, MultiHeadLSTM)
+    assert "'evil-lstm:lstm'" in caplog.text and "using the built-in" in caplog.text
+    chosen = replacer.replace(tiny_bert().eval(), plugin="evil-lstm:lstm")  # asked for by name: allowed
+    assert type(chosen.encoder.layer[0].attention.self.mixer).__name__ == "RunningMean"
+    assert chosen.replacer_record["replacements"][0]["distribution"] == "evil-lstm"
+    listing = CliRunner().invoke(app, ["plugins"])
+    assert listing.exit_code == 0 and "evil-lstm" in listing.output and "several distributions" in listing.output
+
+
+def test_two_third_parties_with_one_name_are_both_named(install):
+    registry = install(
+        ("acme-mixers", "1.2.3", "acme", "acme_mixers", THIRD_PARTY),
+        ("other-mixers", "0.9.0", "other", "other_mixers", THIRD_PARTY),
+    )
+    with pytest.raises(replacer.UnknownPluginError, match=r"'acme-mixers:running-mean', 'other-mixers:running-mean'"):
+        replacer.replace(tiny_bert(), plugin="running-mean")
+    assert registry.mixer_provider("other-mixers:running-mean").version == "0.9.0"
+    result = CliRunner().invoke(app, ["replace", "conftest:tiny_bert", "--out", "unused", "--plugin", "running-mean"])
+    assert result.exit_code == 2 and "other-mixers:running-mean" in result.output
+
+
+MISSPELT = '''
+from replacer import hookimpl
+
+
+@hookimpl
+def replacer_mixer():
+    return []
+'''
+
+
+def test_a_misspelt_hook_is_reported(install, caplog):
+    with caplog.at_level("WARNING", logger="replacer"):
+        registry = install(("typo-plugin", "0.1.0", "typo", "typo_plugin", MISSPELT))
+    info = next(p for p in registry.plugins if p.name == "typo")
+    assert info.problems == [
+        "implements unknown hook 'replacer_mixer', which is never called (did you mean 'replacer_mixers'?)"
+    ]
+    assert "replacer_mixer'" in caplog.text
+    listing = CliRunner().invoke(app, ["plugins"], env={"COLUMNS": "250"})
+    assert "unknown hook 'replacer_mixer'" in listing.output

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from replacer.errors import ModelSourceError
+from replacer.errors import CheckpointError, ModelSourceError
 from replacer.hookspecs import hookimpl
 from replacer.models import hub_reachable
 from replacer_timm.adapters import TimmAttentionAdapter, TimmWindowAttentionAdapter
@@ -75,10 +75,25 @@ def _size_arguments(model: nn.Module) -> dict[str, Any]:
     return kwargs
 
 
+# Constructor arguments that make timm read files or fetch weights: a manifest is data, so it may not set them.
+_LOADING_ARGUMENTS = frozenset({"pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"})
+
+
 @hookimpl
 def replacer_build_model(origin: dict) -> nn.Module | None:
     if origin.get("family") != "timm":
         return None
     import timm
 
-    return timm.create_model(origin["architecture"], pretrained=False, **origin.get("kwargs", {}))
+    name, kwargs = origin.get("architecture"), origin.get("kwargs", {})
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise CheckpointError(f"the checkpoint's origin names timm architecture {name!r}, which this timm does not have")
+    if not isinstance(kwargs, dict) or _LOADING_ARGUMENTS & set(kwargs):
+        raise CheckpointError(
+            f"the checkpoint's timm origin has arguments {sorted(_LOADING_ARGUMENTS & set(kwargs or {}))} that load "
+            "files; a checkpoint can only give architecture arguments (save the model again, or pass base=)"
+        )
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"timm cannot build {name} from the checkpoint's arguments {kwargs}: {exc}") from None

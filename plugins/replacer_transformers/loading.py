@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import importlib.resources
+import pickle
 import importlib.util
 from pathlib import Path
 from typing import Any
 
-from replacer.errors import CheckpointError, ModelSourceError
+from replacer.errors import CheckpointError, ModelSourceError, summary
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -77,8 +78,8 @@ def load_tokenizer(source: str) -> Any:
     where, extra = resolved
     try:
         return transformers.AutoTokenizer.from_pretrained(str(where), **extra)
-    except OSError as exc:
-        raise ModelSourceError(f"cannot load a tokenizer from '{where}': {exc}".splitlines()[0]) from None
+    except Exception as exc:  # noqa: BLE001 - a broken tokenizer folder is one user error, whatever it raises
+        raise ModelSourceError(f"cannot load a tokenizer from '{where}': {summary(exc)}") from None
 
 
 def _model_class(config: Any, causal_lm: bool) -> Any:
@@ -105,8 +106,15 @@ def _load_dir(where: Path | str, pretrained: bool, causal_lm: bool = False, over
         if pretrained:
             return cls.from_pretrained(str(where), **({"config": config} if overrides else {}), **extra)
         return cls.from_config(config) if cls.__name__.startswith("Auto") else cls._from_config(config)
-    except OSError as exc:
-        raise ModelSourceError(f"cannot load a transformers model from '{where}': {exc}".splitlines()[0]) from None
+    except ModelSourceError:
+        raise
+    except pickle.UnpicklingError:
+        raise ModelSourceError(
+            f"'{where}' holds weights as a pickle that needs more than tensors to load, and replacer never unpickles "
+            "code; convert them to model.safetensors (safetensors' convert script, in a trusted environment)"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - whatever a broken model folder raises is the same user error
+        raise ModelSourceError(f"cannot load a transformers model from '{where}': {type(exc).__name__}: {summary(exc)}") from None
 
 
 def describe_model(model: Any) -> dict | None:
@@ -123,14 +131,24 @@ def describe_model(model: Any) -> dict | None:
 
 
 def build_model(origin: dict) -> Any:
+    """Rebuild a transformers model from a manifest's origin: a transformers class and a config, never remote code."""
     if origin.get("family") != "transformers":
         return None
     import torch
     import transformers
 
-    cls = getattr(transformers, origin["class"], None)
+    cls = getattr(transformers, str(origin.get("class")), None)
     if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
-        raise CheckpointError(f"manifest names '{origin['class']}', which is not a transformers model class")
-    config_dict = dict(origin["config"])
-    config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
-    return cls._from_config(config, dtype=getattr(torch, origin.get("dtype", "float32")))
+        raise CheckpointError(f"manifest names {origin.get('class')!r}, which is not a transformers model class")
+    dtype = getattr(torch, str(origin.get("dtype", "float32")), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CheckpointError(f"manifest names dtype {origin.get('dtype')!r}, which is not a torch dtype")
+    config_dict = origin.get("config")
+    if not isinstance(config_dict, dict) or not isinstance(config_dict.get("model_type"), str):
+        raise CheckpointError("the manifest's transformers origin has no config with a model_type; save the model again")
+    config_dict = {k: v for k, v in config_dict.items() if k != "auto_map"}  # code shipped beside a config is never run
+    try:
+        config = transformers.AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+        return cls._from_config(config, dtype=dtype)
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"transformers cannot build {cls.__name__} from the manifest's config: {summary(exc)}") from None

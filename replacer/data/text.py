@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from replacer.errors import DataError
+from replacer.errors import DataError, summary
 
 WORDNET_ROOT = "/usr/share/wordnet"
 FORTUNES_ROOT = "/usr/share/games/fortunes"
@@ -314,7 +314,7 @@ def hf_dataset_texts(name: str, split: str, field: str = "text", limit: int | No
     try:
         table = datasets.load_dataset(name, split=split)
     except Exception as exc:  # datasets raises many unrelated types; all mean "not loadable here"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = summary(exc)
         raise DataError(
             f"cannot load Hugging Face dataset {name} split {split}: {reason}; check the name, split and network or cache"
         ) from None

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from replacer.batches import BatchPlan
-from replacer.errors import ReplacerError
+from replacer.errors import DivergedError, ReplacerError
 from replacer.distill.capture import DiskStore, MemoryStore, capture_sites
 from replacer.distill.losses import site_loss
 from replacer.graph.adapter import ReplacedAttention
@@ -27,6 +27,7 @@ from replacer.recipe import DistillSpec
 from replacer.tasks import Task
 from replacer.distill.loop import train_loop
 from replacer.distributed import SINGLE, World
+from replacer.files import read_or_explain, write_atomically
 from replacer.training_state import clear_state
 
 if TYPE_CHECKING:
@@ -66,6 +67,11 @@ def capture(
             task.run(teacher, plan.batch(k))
         for name, pairs in records.items():
             for pair in pairs:
+                if not all(bool(torch.isfinite(t).all()) for t in pair[:2]):
+                    raise DivergedError(
+                        f"the teacher's site {name} reads or returns NaN or infinite values on calibration batch {k}; "
+                        "check the teacher's weights (model.checkpoint) and the data"
+                    )
                 used += stores[name].add(pair)
         advance()
         if used > budget:
@@ -108,10 +114,17 @@ def _mixer_file(folder: Path, site: str) -> Path:
 
 
 def _finish(wrapper: ReplacedAttention, folder: Path, state_path: Path) -> None:
-    tmp = folder / f"{wrapper.site.name}.tmp"
-    save_file({k: v.detach().contiguous() for k, v in wrapper.mixer.state_dict().items()}, str(tmp))
-    os.replace(tmp, _mixer_file(folder, wrapper.site.name))
+    tensors = {k: v.detach().contiguous() for k, v in wrapper.mixer.state_dict().items()}
+    write_atomically(_mixer_file(folder, wrapper.site.name), lambda tmp: save_file(tensors, str(tmp)))
     clear_state(state_path)
+
+
+def _load_finished(wrapper: ReplacedAttention, folder: Path) -> None:
+    """A site's distilled mixer from disk; a damaged file names itself and how to redo that site."""
+    read_or_explain(
+        _mixer_file(folder, wrapper.site.name), lambda f: wrapper.mixer.load_state_dict(load_file(str(f))),
+        "delete it to distil that site again, or run with --restart",
+    )
 
 
 def _train_in_worker(wrapper: ReplacedAttention, cache: Path, spec: DistillSpec, seed: int, folder: Path, threads: int) -> tuple[str, float]:
@@ -143,7 +156,7 @@ def distill_blockwise(
     world.barrier()
     for name, wrapper in wrappers.items():
         if name not in trained:  # finished earlier, or on another rank
-            wrapper.mixer.load_state_dict(load_file(str(_mixer_file(folder, name))))
+            _load_finished(wrapper, folder)
     losses = world.merge(trained)
     return {name: losses.get(name, float("nan")) for name in wrappers}
 
@@ -166,7 +179,7 @@ def _train_sites(
                 ]
                 for future in futures:
                     name, loss = future.result()
-                    todo[name].mixer.load_state_dict(load_file(str(_mixer_file(folder, name))))
+                    _load_finished(todo[name], folder)
                     results[name] = loss
                     log({"site": name, "final_loss": loss})
                     advance()

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from replacer.files import read_or_explain, write_atomically
 from replacer.graph.adapter import ReplacedAttention
 
 Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -90,9 +91,8 @@ class DiskStore:
         self._count = len(list(folder.glob("*.safetensors")))
 
     def add(self, pair: Pair) -> int:
-        tmp = self.folder / f"{self._count:06d}.tmp"
-        save_file(_compact(pair), str(tmp))
-        tmp.rename(self.folder / f"{self._count:06d}.safetensors")
+        tensors = _compact(pair)
+        write_atomically(self.folder / f"{self._count:06d}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         self._count += 1
         return 0  # nothing stays in memory
 
@@ -100,4 +100,5 @@ class DiskStore:
         return self._count
 
     def get(self, index: int) -> Pair:
-        return _expand(load_file(str(self.folder / f"{index:06d}.safetensors")))
+        fix = f"delete {self.folder.parent} to capture the teacher's pairs again, or run with --restart"
+        return _expand(read_or_explain(self.folder / f"{index:06d}.safetensors", lambda f: load_file(str(f)), fix))

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from replacer.distributed import SINGLE, World
+from replacer.errors import DivergedError
 from replacer.training_state import load_state, save_state
 
 
@@ -42,18 +43,38 @@ def train_loop(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, lr) * group.get("scale", 1.0)
             loss = loss_at(step)
+            _check_finite(loss, "loss", record, step, meta["step"], checkpoint_every)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            norm = torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
+            _check_finite(norm, "gradient norm", record, step, meta["step"], checkpoint_every)
             optimizer.step()
             losses.append(world.mean(loss))
             if world.is_main:
                 log({**record, "step": step + 1, "loss": losses[-1]})
             advance()
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                for name, p in params.items():
+                    _check_finite(p, f"parameter {name}", record, step, meta["step"], checkpoint_every)
                 save(state_path, params, optimizer, {"step": step + 1, "losses": losses})
     except KeyboardInterrupt:  # keep every finished step; the loss list says how many
         save(state_path, params, optimizer, {"step": len(losses), "losses": losses})
         raise
     tail = losses[-max(1, len(losses) // 10) :]
     return sum(tail) / len(tail) if tail else float("nan")
+
+
+def _check_finite(value: torch.Tensor, what: str, record: dict, step: int, resumed: int, checkpoint_every: int) -> None:
+    """Stop at the first NaN or infinite loss or gradient, naming the stage or site and the step.
+
+    Nothing is saved from a diverged step, so the last checkpoint (if any) stays the last good state.
+    """
+    if bool(torch.isfinite(value).all()):
+        return
+    label = ", ".join(f"{k} {v}" for k, v in record.items()) or "training"
+    kept = max(resumed, step // checkpoint_every * checkpoint_every)
+    checkpoint = f"the checkpoint at step {kept} is kept" if kept else "no checkpoint had been written yet"
+    raise DivergedError(
+        f"{label}: the {what} is {float(value.detach().float().reshape(-1)[0])} at step {step + 1}; {checkpoint}. "
+        "If the teacher's outputs are finite, lower that stage's lr (or check the data), then run again"
+    )
