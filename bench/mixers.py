@@ -2,6 +2,9 @@
 
 Run: python bench/mixers.py [--lengths 197 1024 4096] [--plugins lstm gru ssm] [--repeats 5]
 
+lstm and gru are timed twice in the same run: on the fused kernels (replacer.fused, the default on
+the CPU) and on the reference loop, so both ratios come from one machine state.
+
 Two site shapes: deit_tiny's (width 192, 3 heads x 64, bidirectional) and SmolLM2-135M's (width
 576, 9 heads x 64, causal). The teacher block is qkv projection -> torch SDPA -> output projection;
 a replaced block is mixer -> the same output projection, which is what the engine installs.
@@ -18,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from replacer import fused
 from replacer.evaluate import median_latency_ms
 from replacer.graph.site import Site
 from replacer.plugins import get_registry
@@ -64,14 +68,21 @@ def main() -> None:
     for label, site in SITES.items():
         torch.manual_seed(0)
         teacher = SDPABlock(site).eval()
-        blocks = {"attention (SDPA)": teacher}
+        blocks = {"attention (SDPA)": (teacher, "auto")}
         for plugin in args.plugins:
             spec = registry.mixer(plugin)
             mixer = spec.build(site, spec.validate_options({}), None)
-            blocks[plugin] = nn.Sequential(mixer, teacher.proj).eval()
+            block = nn.Sequential(mixer, teacher.proj).eval()
+            if getattr(type(mixer), "fused_cell", None) is None:
+                blocks[plugin] = (block, "auto")
+            else:
+                blocks[f"{plugin} (fused)"], blocks[f"{plugin} (reference loop)"] = (block, "fused"), (block, "reference")
         for length in args.lengths:
             x = torch.randn(1, length, site.d_model)
-            times = {name: median_latency_ms(lambda b=block: b(x), args.repeats, warmup=1) for name, block in blocks.items()}
+            times = {}
+            for name, (block, path) in blocks.items():
+                with fused.recurrence(path):
+                    times[name] = median_latency_ms(lambda b=block: b(x), args.repeats, warmup=1)
             for name, ms in times.items():
                 first = name == "attention (SDPA)"
                 table.add_row(label if first and length == args.lengths[0] else "", str(length) if first else "", name,

@@ -157,9 +157,11 @@ def validate(
     """Check a recipe (and overrides) without running it: its fields, and the plugins and options it names."""
     from replacer.components import check_components
     from replacer.recipe import load_recipe
+    from replacer.run_dir import check_run_dir
 
     loaded = load_recipe(recipe, set_)
     check_components(loaded)
+    check_run_dir(loaded.directory, recipe)
     console.print(f"{recipe}: valid recipe '{loaded.name}' (run dir {loaded.directory})")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Any, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from replacer.errors import OptionsError
+from replacer.fused import use_fused
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import MixerState, PruneGroup, ScanMixer
 
@@ -170,10 +171,25 @@ class MultiHeadRecurrence(ScanMixer):
         """
         if torch.is_grad_enabled():
             return self._stack()
-        key = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        key = self._group_key()
         if getattr(self, "_padded_key", None) != key:
             self._padded_cache, self._padded_key = self._stack(), key
         return self._padded_cache
+
+    def _group_key(self) -> tuple:
+        """Identity and in-place version of every per-group tensor: changes when one is trained or pruned.
+
+        Read from the ParameterLists' own dicts: going through `parameters()` costs more than the
+        recurrence itself on short inputs."""
+        lists = (self.weight_ih, self.weight_hh, self.merge_weight, *(getattr(self, n) for n in self.gate_vectors))
+        return tuple((p.data_ptr(), p._version) for plist in lists for p in plist._parameters.values())
+
+    def _layout(self) -> tuple[list[int], list[int]]:
+        """(hidden widths of the groups, input widths of the heads), kept while the group tensors stay."""
+        key = self._group_key()
+        if getattr(self, "_layout_key", None) != key:
+            self._layout_cache, self._layout_key = (self.widths, self.input_widths), key
+        return self._layout_cache
 
     def _stack(self) -> dict[str, torch.Tensor]:
         k, widths = self.gate_blocks, self.widths
@@ -196,7 +212,7 @@ class MultiHeadRecurrence(ScanMixer):
     def _head_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """The input projection, laid out `(B, N, heads, widest head input)` with zeros in pruned channels."""
         u = self.in_proj(x)
-        widths = self.input_widths
+        widths = self._layout()[1]
         cm = max(widths)
         if all(c == cm for c in widths):
             return u.unflatten(-1, (self.heads, cm))
@@ -210,6 +226,8 @@ class MultiHeadRecurrence(ScanMixer):
         # about 20x. Bounding the input part of the gate pre-activations (the recurrent part is
         # bounded by |h| <= 1) keeps them out; sigmoid(-15) is already 3e-7, so little is lost.
         torch.set_flush_denormal(True)
+        if self.takes_fused_path(x):
+            return self._fused_scan(x, state, padding_mask)
         B, N, _ = x.shape
         weights = self._padded()
         d, H, k = self.directions, self.heads, self.gate_blocks
@@ -229,6 +247,22 @@ class MultiHeadRecurrence(ScanMixer):
             carried = tuple(x.new_zeros(d * H, B, h) for _ in range(self.state_size))
         else:
             carried = tuple(s.transpose(0, 1) for s in state)
+        steps, carried = self._reference_loop(gates_x, carried, weights, keep, padded)
+        hs = steps.view(N, d, H, B, h)
+        if d == 2:
+            hs = torch.cat((hs[:, :1], hs[:, 1:].flip(0)), dim=1)
+        merge = weights["merge_weight"].unflatten(0, (d, H))
+        y = torch.einsum("ndhbu,dhuo->bnho", hs, merge) + self.merge_bias
+        y = y.reshape(B, N, H * self.head_dim)
+        if padding_mask is not None:
+            y = y * padding_mask.to(y.dtype)[..., None]
+        return y, tuple(s.transpose(0, 1) for s in carried)
+
+    def _reference_loop(
+        self, gates_x: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
+        keep: torch.Tensor | None, padded: list[bool],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The definition of the recurrence: `cell` step by step, padded steps keeping their state."""
         outputs = []
         # unbind, not gates_x[t]: indexing's backward writes a zero tensor of the whole sequence
         # per step (quadratic in length, half of a training step's time at 40 tokens)
@@ -238,11 +272,46 @@ class MultiHeadRecurrence(ScanMixer):
                 new = tuple(torch.where(keep[t], n, o) for n, o in zip(new, carried))
             carried = new
             outputs.append(new[0])
-        hs = torch.stack(outputs).view(N, d, H, B, h)
-        if d == 2:
-            hs = torch.cat((hs[:, :1], hs[:, 1:].flip(0)), dim=1)
-        merge = weights["merge_weight"].unflatten(0, (d, H))
-        y = torch.einsum("ndhbu,dhuo->bnho", hs, merge) + self.merge_bias
+        return torch.stack(outputs), carried
+
+    fused_cell: ClassVar[Callable[..., Any] | None] = None
+    """The `cell` that `fused_kernel` computes; a subclass that replaces `cell` takes the reference loop."""
+
+    def fused_kernel(
+        self, gx: torch.Tensor, bias: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
+        padding_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The whole time loop in one compiled kernel (layouts in `replacer.fused.numba_kernels`)."""
+        raise TypeError(f"{type(self).__name__} has no fused kernel")
+
+    def takes_fused_path(self, x: torch.Tensor) -> bool:
+        """Whether this recurrence runs the fused kernel on `x` (its cell has one, and the choice in
+        `replacer.fused` and the tensor allow it)."""
+        fused_cell = type(self).fused_cell
+        return fused_cell is not None and type(self).cell is fused_cell and use_fused(x)
+
+    def _fused_scan(
+        self, x: torch.Tensor, state: MixerState | None, padding_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, MixerState]:
+        """`scan` as three large operations: one batched product for every head's gate inputs (both
+        directions), the kernel (bias, bound, direction and padding handled inside), one batched product
+        for the merge. Nothing is flipped, stacked or indexed step by step."""
+        B, N, _ = x.shape
+        weights = self._padded()
+        widths, input_widths = self._layout()
+        d, H, h, cm = self.directions, self.heads, max(widths), max(input_widths)
+        K = self.gate_blocks * h
+        heads_in = self._head_inputs(x).permute(2, 0, 1, 3).reshape(H, B * N, cm)
+        w_ih = weights["weight_ih"].view(d, H, cm, K).permute(1, 2, 0, 3).reshape(H, cm, d * K)
+        bias = weights["bias"].view(d, H, K).permute(1, 0, 2).reshape(H, d * K)
+        if state is None:
+            carried = tuple(x.new_zeros(d * H, B, h) for _ in range(self.state_size))
+        else:
+            carried = tuple(s.transpose(0, 1) for s in state)
+        mask = None if padding_mask is None else padding_mask.to(x.device, torch.bool)
+        hs, carried = self.fused_kernel(torch.bmm(heads_in, w_ih), bias, carried, weights, mask)
+        merge = weights["merge_weight"].view(d, H, h, self.head_dim).permute(1, 0, 2, 3).reshape(H, d * h, self.head_dim)
+        y = torch.bmm(hs, merge).view(H, B, N, self.head_dim).permute(1, 2, 0, 3) + self.merge_bias
         y = y.reshape(B, N, H * self.head_dim)
         if padding_mask is not None:
             y = y * padding_mask.to(y.dtype)[..., None]

@@ -37,7 +37,7 @@ from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
 from replacer.pruning.latency import Measure
 from replacer.pruning.stage import budget_name, prune_budgets
 from replacer.recipe import Recipe
-from replacer.run_dir import RunDir
+from replacer.run_dir import RunDir, check_run_dir
 from replacer.files import write_text_atomically
 from replacer.report import write_report
 from replacer.selection import Selection, choose_sites, needs_analysis
@@ -113,6 +113,7 @@ def run_recipe(
     console = console or Console()
     if not world.is_main:
         console = Console(quiet=True)
+    check_run_dir(recipe.directory, recipe_file)
     teacher, task, plan = prepare(recipe)
     with RunDir(recipe, restart, world, recipe_file) as run:
         return _run_stages(recipe, run, teacher, task, plan, console, world)

@@ -51,8 +51,8 @@ def writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
-def claim(path: Path, recipe_file: Path | None) -> None:
-    """Make sure `path` is (or becomes) a run directory; refuse any folder that holds the user's files."""
+def check_run_dir(path: Path, recipe_file: Path | None) -> None:
+    """Refuse, before any work, a `run_dir` that is a file, holds the recipe, or is a folder of the user's."""
     if path.exists() and not path.is_dir():
         raise RunDirectoryError(f"run_dir {path} is a file; set run_dir to a folder (a new one, or a run of this recipe)")
     if _holds_recipe(path, recipe_file):
@@ -70,6 +70,11 @@ def claim(path: Path, recipe_file: Path | None) -> None:
             )
     if path.is_dir() and not writable(path):
         raise RunDirectoryError(f"run directory {path} is not writable; make it writable, or set run_dir to another folder")
+
+
+def claim(path: Path, recipe_file: Path | None) -> None:
+    """Make sure `path` is (or becomes) a run directory; refuse any folder that holds the user's files."""
+    check_run_dir(path, recipe_file)
     path.mkdir(parents=True, exist_ok=True)
     if not (path / MARKER).is_file():
         write_text_atomically(path / MARKER, json.dumps({"replacer": __version__, "created": time.time()}) + "\n")

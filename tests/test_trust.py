@@ -93,6 +93,7 @@ def test_run_dir_holding_the_recipe_is_refused_and_the_recipe_kept(tmp_path):
     path = recipe_with(tmp_path, **{"run_dir:": "run_dir: ."})
     before = path.read_bytes()
     os.chdir(tmp_path)
+    assert_one_line_error(invoke("validate", path.name), r"run_dir \. holds the recipe tiny.yaml")
     assert_one_line_error(invoke("run", path.name), r"run_dir \. holds the recipe tiny.yaml")
     assert path.read_bytes() == before and not (tmp_path / "recipe.yaml").exists()
 

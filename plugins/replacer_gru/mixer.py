@@ -33,3 +33,14 @@ class MultiHeadGRU(MultiHeadRecurrence):
         r, z = (rz_x + rz_h).sigmoid().chunk(2, dim=-1)
         candidate = torch.addcmul(candidate_x, r, candidate_h).tanh()
         return (torch.lerp(candidate, hx, z),)
+
+    def fused_kernel(
+        self, gx: torch.Tensor, bias: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
+        padding_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        from replacer.fused.autograd import gru_scan
+
+        return gru_scan(gx, bias, weights["weight_hh"], weights["bias_hh"], carried, padding_mask, self.heads)
+
+
+MultiHeadGRU.fused_cell = MultiHeadGRU.cell

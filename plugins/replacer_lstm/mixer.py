@@ -39,3 +39,14 @@ class MultiHeadLSTM(MultiHeadRecurrence):
         i, f, o = ifo.sigmoid().chunk(3, dim=-1)
         c_new = torch.addcmul(f * cx, i, candidate.tanh())
         return o * c_new.tanh(), c_new
+
+    def fused_kernel(
+        self, gx: torch.Tensor, bias: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
+        padding_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        from replacer.fused.autograd import lstm_scan
+
+        return lstm_scan(gx, bias, weights["weight_hh"], carried, padding_mask, self.heads)
+
+
+MultiHeadLSTM.fused_cell = MultiHeadLSTM.cell
