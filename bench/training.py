@@ -11,30 +11,18 @@ padding mask as the quickstart's batches have; medians.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
 from replacer import fused
+from replacer.evaluate import median_ms
 from replacer.graph.site import Site
 from replacer.plugins import get_registry
 
 SITE = Site(name="encoder.layer.0.attention.self", cls="BertSelfAttention", adapter="bench", layer_index=0, d_model=384,
             num_heads=12, head_dim=32, num_kv_heads=12, causal=False)
-
-
-def median_step_ms(step, repeats: int) -> float:
-    for _ in range(2):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -65,7 +53,7 @@ def main() -> None:
         times = {}
         for path in ("reference", "fused"):
             with fused.recurrence(path):
-                times[path] = median_step_ms(step, args.repeats)
+                times[path] = median_ms(step, args.repeats)
         table.add_row(plugin, f"{times['reference']:.1f}", f"{times['fused']:.1f}", f"{times['reference'] / times['fused']:.2f}x")
     Console(width=120).print(table)
 

@@ -93,6 +93,7 @@ def scan(
 @one_line_errors
 def plugins() -> None:
     """List installed plugins, the distribution each comes from, and what it provides."""
+    from replacer import fused
     from replacer.plugins import get_registry
 
     table = Table(title="replacer plugins (entry-point group 'replacer')")
@@ -107,6 +108,11 @@ def plugins() -> None:
             status = "[green]ok[/green]"
         table.add_row(p.name, p.distribution, p.version, "\n".join(p.provides), status)
     console.print(table)
+    console.print(
+        f"recurrent mixers with a fused kernel (lstm, gru) run on the CPU as: {fused.describe()}; "
+        "other cells run the reference loop (choose with REPLACER_RECURRENCE=auto|fused|reference)",
+        highlight=False,
+    )
 
 
 def _parse_option(text: str) -> tuple[str, object]:

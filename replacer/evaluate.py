@@ -35,8 +35,8 @@ def outputs(task: Task, model: nn.Module, batches: list[Batch], name: str = "the
     return result
 
 
-@torch.no_grad()
-def median_latency_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """Median wall-clock milliseconds of `fn` over `repeats` calls, after `warmup` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -45,6 +45,12 @@ def median_latency_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> f
         fn()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+@torch.no_grad()
+def median_latency_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+    """`median_ms` of inference: no autograd graph is built."""
+    return median_ms(fn, repeats, warmup)
 
 
 def evaluate(

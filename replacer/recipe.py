@@ -297,8 +297,6 @@ def apply_override(raw: dict, assignment: str) -> None:
         if isinstance(node, list):
             node = _list_item(node, key, path)
             continue
-        if not isinstance(node, dict):
-            raise RecipeError(f"--set {path}: '{key}' is not a section")
         node = node.setdefault(key, {})
         if not isinstance(node, (dict, list)):
             raise RecipeError(f"--set {path}: '{key}' is not a section")

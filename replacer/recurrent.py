@@ -26,14 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from replacer.errors import OptionsError
-from replacer.fused import use_fused
+from replacer.fused import GATE_BOUND, use_fused
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import MixerState, PruneGroup, ScanMixer
 
 R = TypeVar("R", bound="MultiHeadRecurrence")
 
-GATE_BOUND = 15.0
-"""Bound on the input part of gate pre-activations; see `MultiHeadRecurrence.scan`."""
 
 
 class RecurrentOptions(BaseModel):
@@ -243,20 +241,25 @@ class MultiHeadRecurrence(ScanMixer):
         keep = None if padding_mask is None else self._group_mask(padding_mask.to(x.device, torch.bool))
         # steps where some group of some sequence reads padding (length-bucketed batches have few)
         padded = [False] * N if keep is None else (~keep).flatten(1).any(1).tolist()
-        if state is None:
-            carried = tuple(x.new_zeros(d * H, B, h) for _ in range(self.state_size))
-        else:
-            carried = tuple(s.transpose(0, 1) for s in state)
+        carried = self._initial_state(x, state, h)
         steps, carried = self._reference_loop(gates_x, carried, weights, keep, padded)
         hs = steps.view(N, d, H, B, h)
         if d == 2:
             hs = torch.cat((hs[:, :1], hs[:, 1:].flip(0)), dim=1)
         merge = weights["merge_weight"].unflatten(0, (d, H))
         y = torch.einsum("ndhbu,dhuo->bnho", hs, merge) + self.merge_bias
-        y = y.reshape(B, N, H * self.head_dim)
-        if padding_mask is not None:
-            y = y * padding_mask.to(y.dtype)[..., None]
-        return y, tuple(s.transpose(0, 1) for s in carried)
+        return self._outputs(y, padding_mask), tuple(s.transpose(0, 1) for s in carried)
+
+    def _initial_state(self, x: torch.Tensor, state: MixerState | None, hidden: int) -> tuple[torch.Tensor, ...]:
+        """The state the time loop starts from, as `(G, B, h)` tensors (zeros without a carried state)."""
+        if state is None:
+            return tuple(x.new_zeros(self.directions * self.heads, x.shape[0], hidden) for _ in range(self.state_size))
+        return tuple(s.transpose(0, 1) for s in state)
+
+    def _outputs(self, y: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """Merged per-head outputs `(B, N, heads, head_dim)` as `(B, N, width)`, zero at padded positions."""
+        y = y.reshape(*y.shape[:2], self.heads * self.head_dim)
+        return y if padding_mask is None else y * padding_mask.to(y.dtype)[..., None]
 
     def _reference_loop(
         self, gates_x: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
@@ -304,18 +307,11 @@ class MultiHeadRecurrence(ScanMixer):
         heads_in = self._head_inputs(x).permute(2, 0, 1, 3).reshape(H, B * N, cm)
         w_ih = weights["weight_ih"].view(d, H, cm, K).permute(1, 2, 0, 3).reshape(H, cm, d * K)
         bias = weights["bias"].view(d, H, K).permute(1, 0, 2).reshape(H, d * K)
-        if state is None:
-            carried = tuple(x.new_zeros(d * H, B, h) for _ in range(self.state_size))
-        else:
-            carried = tuple(s.transpose(0, 1) for s in state)
         mask = None if padding_mask is None else padding_mask.to(x.device, torch.bool)
-        hs, carried = self.fused_kernel(torch.bmm(heads_in, w_ih), bias, carried, weights, mask)
+        hs, carried = self.fused_kernel(torch.bmm(heads_in, w_ih), bias, self._initial_state(x, state, h), weights, mask)
         merge = weights["merge_weight"].view(d, H, h, self.head_dim).permute(1, 0, 2, 3).reshape(H, d * h, self.head_dim)
         y = torch.bmm(hs, merge).view(H, B, N, self.head_dim).permute(1, 2, 0, 3) + self.merge_bias
-        y = y.reshape(B, N, H * self.head_dim)
-        if padding_mask is not None:
-            y = y * padding_mask.to(y.dtype)[..., None]
-        return y, tuple(s.transpose(0, 1) for s in carried)
+        return self._outputs(y, padding_mask), tuple(s.transpose(0, 1) for s in carried)
 
     def _group_mask(self, padding_mask: torch.Tensor) -> torch.Tensor:
         """(B, N) -> (N, d*H, B, 1), with the backward direction's mask reversed like its inputs."""

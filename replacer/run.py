@@ -191,7 +191,7 @@ def _run_stages(
             if recipe.prune.enabled:
                 for budget in sorted(recipe.prune.budgets, reverse=True):
                     name = budget_name(budget)
-                    models[name] = replacer.load(stage_dir / name, base=copy.deepcopy(base))
+                    models[name] = replacer.load(stage_dir / name, base=base)
             if recipe.evaluate.baseline:
                 models["undistilled"] = _student(recipe, base, sites)
             with progress.task("evaluate", 1) as advance:
@@ -244,10 +244,10 @@ def _latency_measure(recipe: Recipe, task: Task, held_out: list) -> Measure:
 
 
 def _resume_from(student: nn.Module, teacher: nn.Module, *candidates: Path) -> nn.Module:
-    """The student saved by the latest finished stage, if any (loaded onto a copy of the teacher)."""
+    """The student saved by the latest finished stage, if any (`load` builds it on a copy of the teacher)."""
     for path in candidates:
         if (path / "manifest.json").is_file():
-            return replacer.load(path, base=copy.deepcopy(teacher))
+            return replacer.load(path, base=teacher)
     return student
 
 

@@ -23,6 +23,9 @@ from typing import Iterator, Literal
 
 import torch
 
+GATE_BOUND = 15.0
+"""Bound on the input part of gate pre-activations, which both paths apply; see `MultiHeadRecurrence.scan`."""
+
 Recurrence = Literal["auto", "fused", "reference"]
 CHOICES: tuple[str, ...] = ("auto", "fused", "reference")
 logger = logging.getLogger("replacer")

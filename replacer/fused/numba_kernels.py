@@ -22,9 +22,10 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from replacer.fused import GATE_BOUND
+
 # error_model="numpy": a division never checks for zero (that check alone stops the loops vectorising)
 OPTIONS = {"parallel": True, "fastmath": True, "cache": True, "nogil": True, "error_model": "numpy"}
-GATE_BOUND = 15.0  # replacer.recurrent.GATE_BOUND, which this module must not import (it is imported from there)
 
 # tanh(x) ~ x * P(x^2) / Q(x^2) on [-9, 9] (beyond, tanh is 1 to float32 precision): a rational fit made
 # for this module by iteratively reweighted least squares on relative error; max abs error 6.3e-7 in

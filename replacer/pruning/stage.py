@@ -9,7 +9,6 @@ budget's student is saved under `students/pruned-<percent>`, so a resumed run sk
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -67,7 +66,7 @@ def prune_budgets(
         name = budget_name(budget)
         saved = students / name
         if (saved / "manifest.json").is_file():  # finished before an interruption
-            student = replacer.load(saved, base=copy.deepcopy(base))
+            student = replacer.load(saved, base=base)
             results[name] = {"budget": budget, "mixer_params": mixer_parameters(student), "mixer_params_tuned": tuned_params}
             continue
         start = time.time()
@@ -125,7 +124,7 @@ def _hoyer_regularised(
     """The tuned student trained on with FAR's Hoyer-square group penalty, so group norms separate."""
     saved = students / "hoyer"
     if (saved / "manifest.json").is_file():
-        return replacer.load(saved, base=copy.deepcopy(base))
+        return replacer.load(saved, base=base)
     index = GroupIndex.of(student)
     state = folder / "hoyer.state"
     steps = recovery.model_copy(update={"steps": spec.hoyer_steps})
