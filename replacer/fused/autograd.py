@@ -49,15 +49,15 @@ def _previous(h0: torch.Tensor, hs: torch.Tensor, batch: int) -> torch.Tensor:
     return before.view(heads, rows, width)
 
 
-def _weight_grad(h0: torch.Tensor, hs: torch.Tensor, dz: torch.Tensor, batch: int) -> torch.Tensor:
-    """d loss / d w `(G, h, K)` = sum over sequences and steps of (state before the step)^T (gate gradient):
-    one batched product over heads per direction, on column blocks of the kernels' own layouts (no copies)."""
+def _weight_grads(h0: torch.Tensor, hs: torch.Tensor, dz: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """d loss / d w `(G, h, K)` (the sum over sequences and steps of (state before the step)^T (gate
+    gradient)) and the sum of the gate gradients `(G, K)`, in an order that no thread count changes."""
     before = _previous(h0, hs, batch)
     G, _, h = h0.shape
-    heads = hs.shape[0]
-    K = dz.shape[-1] * heads // G
-    grads = [torch.bmm(before[:, :, k * h : (k + 1) * h].transpose(1, 2), dz[:, :, k * K : (k + 1) * K]) for k in range(G // heads)]
-    return torch.cat(grads)
+    K = dz.shape[-1] * hs.shape[0] // G
+    dw, db = dz.new_empty(G, h, K), dz.new_empty(G, K)
+    kernels.weight_grads(_np(before), _np(dz), hs.shape[0], dw.numpy(), db.numpy())
+    return dw, db
 
 
 class _LSTM(torch.autograd.Function):
@@ -81,8 +81,8 @@ class _LSTM(torch.autograd.Function):
         _threads()
         kernels.lstm_backward(_np(gx), _np(bias), _np(w), _np(c0), keep.numpy(), ctx.masked, ctx.heads, acts.numpy(),
                               cs.numpy(), _np(dhs), _np(dh_n), _np(dc_n), dz.numpy(), dgx.numpy(), dh0.numpy(), dc0.numpy())
-        dw = _weight_grad(h0, hs, dz, h0.shape[1]) if ctx.needs_input_grad[2] else None
-        return dgx, dgx.sum(1), dw, dh0, dc0, None, None, None
+        dw = _weight_grads(h0, hs, dz, h0.shape[1])[0] if ctx.needs_input_grad[2] else None
+        return dgx, _row_sum(dgx), dw, dh0, dc0, None, None, None
 
 
 class _GRU(torch.autograd.Function):
@@ -105,10 +105,15 @@ class _GRU(torch.autograd.Function):
         _threads()
         kernels.gru_backward(_np(gx), _np(bias), _np(w), _np(h0), keep.numpy(), ctx.masked, ctx.heads, acts.numpy(),
                              hs.numpy(), _np(dhs), _np(dh_n), dgx.numpy(), dgh.numpy(), dh0.numpy())
-        dw = _weight_grad(h0, hs, dgh, h0.shape[1]) if ctx.needs_input_grad[2] else None
-        G, _, H = h0.shape
-        db_hh = dgh.sum(1).view(ctx.heads, -1, 3 * H).transpose(0, 1).reshape(G, 3 * H)  # (H, d*K) -> (G, K)
-        return dgx, dgx.sum(1), dw, db_hh, dh0, None, None, None
+        dw, db_hh = _weight_grads(h0, hs, dgh, h0.shape[1])
+        return dgx, _row_sum(dgx), dw, db_hh, dh0, None, None, None
+
+
+def _row_sum(dgx: torch.Tensor) -> torch.Tensor:
+    """The gate-input bias gradient `(H, d*K)`: `dgx` summed over rows, in an order no thread count changes."""
+    sums = dgx.new_empty(dgx.shape[0], dgx.shape[2])
+    kernels.row_sums(_np(dgx), sums.numpy())
+    return sums
 
 
 def _tracked(*tensors: torch.Tensor) -> bool:

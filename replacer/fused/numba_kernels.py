@@ -266,3 +266,43 @@ def gru_backward(gx, bias, w, h0, keep, masked, heads, acts, hs, dhs, dh_n, dgx,
             for q in range(H):
                 dh[q] += carry[q]
         dh0[g, b] = dh
+
+
+@njit(**OPTIONS)
+def weight_grads(before, dz, heads, dw, db):
+    """dw[g] = sum over rows of before[g-block]^T dz[g-block]; db[g] = sum over rows of dz[g-block].
+
+    One group per work item, rows summed in order: the result does not depend on how many threads
+    run (a BLAS product over this long reduction splits it by thread count, and rounds differently).
+    """
+    G, H, K = dw.shape
+    rows = dz.shape[1]
+    for g in prange(G):
+        direction, head = g // heads, g % heads
+        gate0, unit0 = direction * K, direction * H
+        out, bias = dw[g], db[g]
+        out[:] = 0.0
+        bias[:] = 0.0
+        for row in range(rows):
+            d = dz[head, row, gate0 : gate0 + K]
+            h = before[head, row, unit0 : unit0 + H]
+            for q in range(K):
+                bias[q] += d[q]
+            for j in range(H):
+                hj = h[j]
+                o = out[j]
+                for q in range(K):
+                    o[q] += hj * d[q]
+
+
+@njit(**OPTIONS)
+def row_sums(x, out):
+    """out[i] = x[i].sum(0) for x (I, rows, width), rows added in order (independent of thread count)."""
+    I, rows, width = x.shape
+    for i in prange(I):
+        o = out[i]
+        o[:] = 0.0
+        for row in range(rows):
+            r = x[i, row]
+            for q in range(width):
+                o[q] += r[q]
