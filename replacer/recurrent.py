@@ -161,18 +161,23 @@ class MultiHeadRecurrence(ScanMixer):
             start += channels
         return groups
 
-    def _padded(self) -> dict[str, torch.Tensor]:
-        """Every per-group tensor stacked over groups, zero-padded to the widest group and head input.
+    def _prepared(self) -> tuple[dict[str, torch.Tensor], list[int], list[int]]:
+        """The per-group tensors stacked over groups (zero-padded to the widest group and head input),
+        and (hidden widths of the groups, input widths of the heads), checked against the parameters once.
 
-        Without autograd (inference, decoding token by token) the result is kept until a parameter
-        changes in place or is replaced, which saves re-stacking on every call.
+        The widths are kept until a group tensor changes in place or is replaced (training, pruning);
+        so is the stack without autograd (inference, decoding token by token), which saves
+        re-stacking on every call. Under autograd the stack is built anew, so gradients reach the
+        parameters.
         """
-        if torch.is_grad_enabled():
-            return self._stack()
         key = self._group_key()
-        if getattr(self, "_padded_key", None) != key:
-            self._padded_cache, self._padded_key = self._stack(), key
-        return self._padded_cache
+        if getattr(self, "_prepared_key", None) != key:
+            self._layout_cache, self._stack_cache, self._prepared_key = (self.widths, self.input_widths), None, key
+        if torch.is_grad_enabled():
+            return self._stack(), *self._layout_cache
+        if self._stack_cache is None:
+            self._stack_cache = self._stack()
+        return self._stack_cache, *self._layout_cache
 
     def _group_key(self) -> tuple:
         """Identity and in-place version of every per-group tensor: changes when one is trained or pruned.
@@ -181,13 +186,6 @@ class MultiHeadRecurrence(ScanMixer):
         recurrence itself on short inputs."""
         lists = (self.weight_ih, self.weight_hh, self.merge_weight, *(getattr(self, n) for n in self.gate_vectors))
         return tuple((p.data_ptr(), p._version) for plist in lists for p in plist._parameters.values())
-
-    def _layout(self) -> tuple[list[int], list[int]]:
-        """(hidden widths of the groups, input widths of the heads), kept while the group tensors stay."""
-        key = self._group_key()
-        if getattr(self, "_layout_key", None) != key:
-            self._layout_cache, self._layout_key = (self.widths, self.input_widths), key
-        return self._layout_cache
 
     def _stack(self) -> dict[str, torch.Tensor]:
         k, widths = self.gate_blocks, self.widths
@@ -207,10 +205,10 @@ class MultiHeadRecurrence(ScanMixer):
             padded[name] = torch.stack([pad(v, n, True, 0) for v, n in zip(getattr(self, name), widths)])
         return padded
 
-    def _head_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """The input projection, laid out `(B, N, heads, widest head input)` with zeros in pruned channels."""
+    def _head_inputs(self, x: torch.Tensor, widths: list[int]) -> torch.Tensor:
+        """The input projection, laid out `(B, N, heads, widest head input)` with zeros in pruned channels
+        (`widths`: each head's input channels)."""
         u = self.in_proj(x)
-        widths = self._layout()[1]
         cm = max(widths)
         if all(c == cm for c in widths):
             return u.unflatten(-1, (self.heads, cm))
@@ -227,10 +225,10 @@ class MultiHeadRecurrence(ScanMixer):
         if self.takes_fused_path(x):
             return self._fused_scan(x, state, padding_mask)
         B, N, _ = x.shape
-        weights = self._padded()
+        weights, _, input_widths = self._prepared()
         d, H, k = self.directions, self.heads, self.gate_blocks
         h = weights["weight_hh"].shape[1]
-        u = self._head_inputs(x)
+        u = self._head_inputs(x, input_widths)
         # Input contributions to the gates for every step at once: (N, d, H, B, k*h).
         w_ih = weights["weight_ih"].unflatten(0, (d, H))
         gates_x = torch.einsum("bnhi,dhio->ndhbo", u, w_ih) + weights["bias"].unflatten(0, (d, H))[None, :, :, None, :]
@@ -300,11 +298,10 @@ class MultiHeadRecurrence(ScanMixer):
         directions), the kernel (bias, bound, direction and padding handled inside), one batched product
         for the merge. Nothing is flipped, stacked or indexed step by step."""
         B, N, _ = x.shape
-        weights = self._padded()
-        widths, input_widths = self._layout()
+        weights, widths, input_widths = self._prepared()
         d, H, h, cm = self.directions, self.heads, max(widths), max(input_widths)
         K = self.gate_blocks * h
-        heads_in = self._head_inputs(x).permute(2, 0, 1, 3).reshape(H, B * N, cm)
+        heads_in = self._head_inputs(x, input_widths).permute(2, 0, 1, 3).reshape(H, B * N, cm)
         w_ih = weights["weight_ih"].view(d, H, cm, K).permute(1, 2, 0, 3).reshape(H, cm, d * K)
         bias = weights["bias"].view(d, H, K).permute(1, 0, 2).reshape(H, d * K)
         mask = None if padding_mask is None else padding_mask.to(x.device, torch.bool)
