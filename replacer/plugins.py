@@ -124,7 +124,8 @@ class Registry:
 
     @property
     def adapters(self) -> list[Adapter]:
-        return list(self._adapters)
+        """Every adapter, highest `priority` first (registration order among equals)."""
+        return sorted(self._adapters, key=lambda a: -a.priority)
 
     def _names(self, kind: str) -> list[str]:
         return sorted(name for k, name in self._claims if k == kind)

@@ -9,10 +9,11 @@ from typing import Iterable
 from pydantic import BaseModel
 from torch import nn
 
-from replacer.errors import SiteSelectionError
-from replacer.graph.adapter import Unsupported
+from replacer.errors import ReplacerError, SiteSelectionError, summary
+from replacer.graph.adapter import Adapter, ReplacedAttention, Unsupported
 from replacer.graph.scan import ScanResult, scan
 from replacer.graph.site import Site, head_rows
+from replacer.mixer import MixerSpec
 from replacer.models import describe_origin
 from replacer.plugins import get_registry
 
@@ -44,6 +45,34 @@ def select_sites(found: ScanResult, selectors: Iterable[SiteSelector] | None) ->
             )
         chosen.update((s.name, s) for s in hits)
     return sorted(chosen.values(), key=lambda s: s.layer_index)
+
+
+def _build(
+    site: Site, adapter: Adapter, original: nn.Module, spec: MixerSpec, options: BaseModel, heads: list[int] | None
+) -> ReplacedAttention:
+    """The module that will stand in for `original`: its mixer (on the original's device, dtype and mode),
+    wrapped by the site's adapter. An adapter that cannot do it is a one-line error naming the site."""
+    try:
+        value = adapter.value_projection(original, site)
+        if heads is not None:
+            rows = head_rows(heads, site.head_dim)
+            mixer = spec.build(site.heads_subset(len(heads)), options, None if value is None else value.rows(rows))
+        else:
+            mixer = spec.build(site, options, value)
+        reference = next(original.parameters(), None)
+        if reference is not None:
+            mixer.to(device=reference.device, dtype=reference.dtype)
+        mixer.train(original.training)
+        return adapter.wrap(site, original, mixer) if heads is None else adapter.wrap_heads(site, original, mixer, heads)
+    except Unsupported as exc:
+        raise SiteSelectionError(str(exc)) from None
+    except ReplacerError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an adapter that misreads a module must not crash the caller
+        raise SiteSelectionError(
+            f"site '{site.name}' ({site.cls}) could not be replaced by adapter '{adapter.name}': {type(exc).__name__}: {summary(exc)}; "
+            "leave it out of `sites`, or report the class to the adapter's plugin"
+        ) from exc
 
 
 def _check_heads(chosen: list[Site], heads: dict[str, list[int]]) -> dict[str, list[int]]:
@@ -103,24 +132,10 @@ def replace(
     target = model if inplace else copy.deepcopy(model)
     adapters = {a.name: a for a in registry.adapters}
     split = _check_heads(chosen, heads or {})
-    for site in chosen:
-        original = target.get_submodule(site.name)
-        adapter = adapters[site.adapter]
-        value = adapter.value_projection(original, site)
-        replaced = split.get(site.name)
-        if replaced is not None:
-            rows = head_rows(replaced, site.head_dim)
-            mixer = spec.build(site.heads_subset(len(replaced)), validated, None if value is None else value.rows(rows))
-        else:
-            mixer = spec.build(site, validated, value)
-        reference = next(original.parameters(), None)
-        if reference is not None:
-            mixer.to(device=reference.device, dtype=reference.dtype)
-        mixer.train(original.training)
-        try:
-            wrapped = adapter.wrap(site, original, mixer) if replaced is None else adapter.wrap_heads(site, original, mixer, replaced)
-        except Unsupported as exc:
-            raise SiteSelectionError(str(exc)) from None
+    # every module is built before any is installed: a site that fails leaves the model as it was
+    built = [(site, _build(site, adapters[site.adapter], target.get_submodule(site.name), spec, validated, split.get(site.name)))
+             for site in chosen]
+    for site, wrapped in built:
         setattr(target.get_submodule(site.parent_name), site.attr, wrapped)
     provider = registry.mixer_provider(plugin)
     record["replacements"].append(

@@ -59,3 +59,11 @@ def test_replace_rejects_bad_options(tmp_path):
     assert result.exit_code == 2
     assert "option 'hidden_per_head'" in result.output
     assert not (tmp_path / "manifest.json").exists()
+
+
+def test_scan_lists_each_unsupported_site_with_its_reason():
+    result = runner.invoke(app, ["scan", "xcit_nano_12_p16_224"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "0 attention sites, 0 already replaced, 14 unsupported" in text  # 12 XCA blocks, 2 class-attention blocks
+    assert text.count("channel attention") >= 12 and "class attention" in text

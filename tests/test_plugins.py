@@ -79,7 +79,8 @@ def test_builtins_register_through_entry_points():
     by_name = {p.name: p for p in registry.plugins}
     assert {"lstm", "timm", "transformers"} <= set(by_name)
     assert by_name["lstm"].distribution == "replacer" and by_name["lstm"].provides == ["mixer:lstm"]
-    assert "adapter:timm-window-attention" in by_name["timm"].provides
+    assert "adapter:timm-attention" in by_name["timm"].provides
+    assert "adapter:hf-attention" in by_name["transformers"].provides
     assert "adapter:hf-gpt2-attention" in by_name["transformers"].provides
 
 

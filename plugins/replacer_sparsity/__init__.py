@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from replacer.analyzer import AnalyzerSpec, ForwardPass
+from replacer.errors import SiteSelectionError
+from replacer.graph.adapter import Unsupported
 from replacer.graph.site import Site
 from replacer.hookspecs import hookimpl
 from replacer_sparsity.statistics import METRICS, head_sums
@@ -33,19 +35,25 @@ def analyze_sparsity(
     model.eval()
     try:
         with contextlib.ExitStack() as stack:
-            records = {
-                s.name: stack.enter_context(adapters[s.adapter].record_attention(model.get_submodule(s.name))) for s in sites
-            }
-            for run in passes:
-                run()
-                for site in sites:
-                    for probs in records[site.name]:
-                        part, count = head_sums(probs, top_k, window, site.causal)
-                        total = sums.setdefault(site.name, {k: torch.zeros_like(v) for k, v in part.items()})
-                        for k, v in part.items():
-                            total[k] += v
-                        counts[site.name] = counts.get(site.name, 0) + count
-                    records[site.name].clear()
+            try:
+                records = {
+                    s.name: stack.enter_context(adapters[s.adapter].record_attention(model.get_submodule(s.name))) for s in sites
+                }
+                for run in passes:
+                    run()
+                    for site in sites:
+                        for probs in records[site.name]:
+                            part, count = head_sums(probs, top_k, window, site.causal)
+                            total = sums.setdefault(site.name, {k: torch.zeros_like(v) for k, v in part.items()})
+                            for k, v in part.items():
+                                total[k] += v
+                            counts[site.name] = counts.get(site.name, 0) + count
+                        records[site.name].clear()
+            except Unsupported as why:
+                raise SiteSelectionError(
+                    f"the sparsity analysis cannot read attention probabilities here ({why}); analyse with another "
+                    "analyzer, or choose layers without analysis"
+                ) from None
     finally:
         model.train(was_training)
     result = {}

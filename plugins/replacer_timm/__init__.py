@@ -1,4 +1,4 @@
-"""timm support: the vit/deit/deit3/eva `Attention` family and swin's `WindowAttention`."""
+"""timm support: attention over tokens across timm's families (one structural adapter), model loading."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from torch import nn
 from replacer.errors import CheckpointError, ModelSourceError
 from replacer.hookspecs import hookimpl
 from replacer.models import hub_reachable
-from replacer_timm.adapters import TimmAttentionAdapter, TimmWindowAttentionAdapter
+from replacer_timm.adapters import TimmAttentionAdapter
 
 
 @hookimpl
 def replacer_adapters() -> list:
-    return [TimmAttentionAdapter(), TimmWindowAttentionAdapter()]
+    return [TimmAttentionAdapter()]
 
 
 @hookimpl
@@ -42,19 +42,26 @@ def replacer_load_model(source: str, pretrained: bool, kwargs: dict) -> nn.Modul
 def replacer_describe_model(model: nn.Module) -> dict | None:
     """timm models keep no record of their constructor arguments: infer the ones that shape the weights.
 
-    The guess is checked by building it on the meta device (no memory, no time) and comparing every
-    parameter shape; a model the guess does not reproduce gets no origin, and loading it needs base=.
+    Each guess (the size arguments read from the model, then the class count alone, for architectures
+    whose constructors take no patch or depth arguments) is checked by building it on the meta device
+    (no memory, no time) and comparing every parameter shape; a model no guess reproduces gets no
+    origin, and loading it needs base=.
     """
     cfg = getattr(model, "pretrained_cfg", None)
     if not type(model).__module__.startswith("timm.") or not cfg or not cfg.get("architecture"):
         return None
-    origin = {"family": "timm", "architecture": cfg["architecture"], "kwargs": _size_arguments(model)}
-    with torch.device("meta"):
-        rebuilt = replacer_build_model(origin)
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if shapes != {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}:
-        return None
-    return origin
+    sized = _size_arguments(model)
+    for kwargs in (sized, {"num_classes": sized["num_classes"]}):
+        origin = {"family": "timm", "architecture": cfg["architecture"], "kwargs": kwargs}
+        try:
+            with torch.device("meta"):
+                rebuilt = replacer_build_model(origin)
+        except CheckpointError:
+            continue
+        if shapes == {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}:
+            return origin
+    return None
 
 
 def _size_arguments(model: nn.Module) -> dict[str, Any]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
 
 from replacer.errors import UnsupportedCallError
-from replacer.graph.adapter import Adapter, ReplacedAttention, padding_from_attention_mask
+from replacer.graph.adapter import Adapter, ReplacedAttention, Unsupported, padding_from_attention_mask
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import Mixer
 
@@ -19,9 +20,18 @@ def _is_timm(module: nn.Module, names: set[str]) -> bool:
     return cls.__module__.startswith("timm.") and cls.__name__ in names
 
 
+def _family_key(module: nn.Module) -> str:
+    """`module.Class` under `timm.` (`layers.attention.Attention`): class names repeat across timm's
+    models with different meanings, so families are told apart by where the class is defined."""
+    cls = type(module)
+    return f"{cls.__module__.removeprefix('timm.')}.{cls.__name__}"
+
+
 @contextlib.contextmanager
 def _on_probabilities(module: nn.Module, hook: Callable[[nn.Module, tuple], tuple | None]) -> Iterator[None]:
     """timm's unfused path applies `attn_drop` to the probabilities: turn fusing off and hook its input."""
+    if not hasattr(module, "fused_attn") or not isinstance(getattr(module, "attn_drop", None), nn.Module):
+        raise Unsupported(f"{type(module).__name__} has no unfused path with `attn_drop` to read probabilities from")
     fused = module.fused_attn
     module.fused_attn = False
     handle = module.attn_drop.register_forward_pre_hook(hook)
@@ -36,8 +46,11 @@ def _on_probabilities(module: nn.Module, hook: Callable[[nn.Module, tuple], tupl
 def _record_probabilities(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     recorded: list[torch.Tensor] = []
 
-    def keep(_module: nn.Module, args: tuple) -> None:
-        recorded.append(args[0].detach())
+    def keep(module: nn.Module, args: tuple) -> None:
+        probs = args[0]
+        if probs.dim() != 4 or probs.shape[-1] != probs.shape[-2]:
+            raise Unsupported(f"its probabilities {tuple(probs.shape)} are not (batch, heads, tokens, tokens): keys are subsampled or windowed")
+        recorded.append(probs.detach())
 
     with _on_probabilities(module, keep):
         yield recorded
@@ -67,94 +80,191 @@ class TimmAdapter(Adapter):
         return _top_k_probabilities(module, top_k)
 
 
+@dataclass(frozen=True)
+class TimmFamily:
+    """What differs between timm attention classes that share the projection layout.
+
+    `layout`: how tokens sit in the input: `tokens` (B, N, C); `grid` (B, H, W, C), read in raster
+    order; `blocks` (B, T, N, C), each of the T blocks its own sequence. `input_norm` names a norm the
+    class applies to its input before the projections; `output_norm` means `norm` (and `gate`, where
+    present) act on the merged heads before `proj`. `unsupported` is the reason a class is refused.
+    """
+
+    layout: str = "tokens"
+    input_norm: str | None = None
+    output_norm: bool = False
+    note: str = ""
+    unsupported: str = ""
+
+
+_CLASS_TOKEN = "class attention: only the class token queries, so the output is one token, not the sequence a mixer produces"
+_CHANNELS = "channel attention: it attends across feature channels, not tokens, which a sequence mixer does not model"
+_POOLING = "pooling attention: queries are pooled, so the output sequence is shorter than the input"
+_DOWNSAMPLE = "downsampling attention: the output has fewer tokens than the input"
+
+FAMILIES: dict[str, TimmFamily] = {
+    "layers.attention.Attention": TimmFamily(output_norm=True),
+    "models.vision_transformer.Attention": TimmFamily(output_norm=True),
+    "models.eva.EvaAttention": TimmFamily(output_norm=True, note="rotary embedding dropped: the recurrence carries order"),
+    "models.beit.Attention": TimmFamily(note="relative position bias dropped"),
+    "models.swin_transformer.WindowAttention": TimmFamily(note="windows read in raster order; shift mask and relative position bias dropped"),
+    "models.swin_transformer_v2.WindowAttention": TimmFamily(note="windows read in raster order; shift mask and continuous position bias dropped"),
+    "models.davit.WindowAttention": TimmFamily(note="windows read in raster order"),
+    "models.tiny_vit.Attention": TimmFamily(input_norm="norm", note="windows read in raster order; attention biases dropped"),
+    "models.efficientformer.Attention": TimmFamily(note="attention biases dropped"),
+    "models.levit.Attention": TimmFamily(note="attention biases dropped"),
+    "models.nest.Attention": TimmFamily(layout="blocks", note="each block of tokens read in raster order"),
+    "models.vision_transformer_sam.Attention": TimmFamily(layout="grid", note="tokens read in raster order; relative position dropped"),
+    "models.volo.Attention": TimmFamily(layout="grid", note="tokens read in raster order"),
+    "models.maxxvit.AttentionCl": TimmFamily(layout="grid", note="windows and grids read in raster order; relative position bias dropped"),
+    "models.vision_transformer_relpos.RelPosAttention": TimmFamily(note="relative position bias dropped"),
+    "models.pvt_v2.Attention": TimmFamily(note="spatial reduction of keys and values dropped: the mixer reads every token"),
+    "models.twins.GlobalSubSampleAttn": TimmFamily(note="subsampled keys and values dropped: the mixer reads every token"),
+    "models.twins.LocallyGroupedAttn": TimmFamily(note="local windows dropped: the mixer reads the whole sequence in raster order"),
+    "models.nextvit.EfficientAttention": TimmFamily(note="pooled keys and values dropped: the mixer reads every token"),
+    "models.coat.FactorAttnConvRelPosEnc": TimmFamily(note="convolutional relative position encoding dropped"),
+    "models.convit.GPSA": TimmFamily(note="gated positional attention dropped: the recurrence carries position"),
+    "models.cait.TalkingHeadAttn": TimmFamily(note="talking-heads mixing dropped"),
+    "models.cait.ClassAttn": TimmFamily(unsupported=_CLASS_TOKEN),
+    "models.volo.ClassAttention": TimmFamily(unsupported=_CLASS_TOKEN),
+    "models.xcit.ClassAttentionBlock": TimmFamily(unsupported=_CLASS_TOKEN),
+    "models.xcit.XCA": TimmFamily(unsupported=_CHANNELS),
+    "models.edgenext.CrossCovarianceAttn": TimmFamily(unsupported=_CHANNELS),
+    "models.davit.ChannelAttention": TimmFamily(unsupported=_CHANNELS),
+    "models.mvitv2.MultiScaleAttention": TimmFamily(unsupported=_POOLING),
+    "models.hiera.MaskUnitAttention": TimmFamily(unsupported=_POOLING + " (Hiera's mask units also reorder tokens)"),
+    "models.levit.AttentionDownsample": TimmFamily(unsupported=_DOWNSAMPLE),
+    "models.efficientformer_v2.Attention2dDownsample": TimmFamily(unsupported=_DOWNSAMPLE),
+    "models.efficientformer_v2.Attention2d": TimmFamily(
+        unsupported="attention over a (B, C, H, W) feature map through convolutional projections, with talking heads"
+    ),
+    "models.gcvit.WindowAttentionGlobal": TimmFamily(unsupported="its queries come from a second input (global query tokens), not from the sequence"),
+    "models.crossvit.CrossAttention": TimmFamily(unsupported="cross-attention: only the class token queries the other branch"),
+    "models.volo.OutlookAttention": TimmFamily(
+        unsupported="outlook attention: each token's weights over its local window are predicted from the token, not scored against keys"
+    ),
+    "models.nextvit.ConvAttention": TimmFamily(unsupported="convolutional attention: a grouped convolution over a (B, C, H, W) map, with no score map"),
+    "models.mobilevit.LinearSelfAttention": TimmFamily(
+        unsupported="separable linear attention over (B, C, P, N) patches: it has no token-by-token score map to replace"
+    ),
+}
+DEFAULT_FAMILY = TimmFamily()
+
+# input projections, by child names: fused, query + fused key/value, fused query/key + value, separate
+_PROJECTIONS = (("qkv",), ("q", "kv"), ("qk", "v"), ("q", "k", "v"), ("q_proj", "k_proj", "v_proj"))
+
+
+def _first_linear(module: nn.Module | None) -> nn.Linear | None:
+    """`module` itself if it is a Linear, else the first Linear inside it (levit's `LinearNorm`, a `Sequential`)."""
+    if module is None:
+        return None
+    return module if isinstance(module, nn.Linear) else next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+
+
+def _projections(module: nn.Module) -> tuple[str, ...] | None:
+    """The names of the input projections of a timm attention module, or None if it has none of the layouts."""
+    for names in _PROJECTIONS:
+        if all(_first_linear(getattr(module, n, None)) is not None for n in names):
+            return names
+    return None
+
+
 class TimmAttentionAdapter(TimmAdapter):
-    """vit / deit / deit3 `Attention` and eva `EvaAttention`: fused or split qkv, optional norm and gate."""
+    """Any timm attention over tokens built from input projections (`qkv`, `q`+`kv`, `qk`+`v`, `q`/`k`/`v`,
+    `q_proj`/`k_proj`/`v_proj`) and an output `proj`: sizes are read from the weights, and what differs
+    between classes (token layout, norms, what is dropped, what is refused) is one `FAMILIES` entry."""
 
     name = "timm-attention"
-    classes = {"Attention", "EvaAttention"}
 
     def matches(self, module: nn.Module) -> bool:
-        return _is_timm(module, self.classes)
+        if not type(module).__module__.startswith("timm."):
+            return False
+        if _family_key(module) in FAMILIES:
+            return True
+        return _projections(module) is not None and isinstance(getattr(module, "proj", None), nn.Module)
 
     def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
-        qkv = module.qkv if getattr(module, "qkv", None) is not None else module.q_proj
-        note = "rotary embedding dropped: the recurrence carries order" if type(module).__name__ == "EvaAttention" else ""
+        family = FAMILIES.get(_family_key(module), DEFAULT_FAMILY)
+        if family.unsupported:
+            raise Unsupported(family.unsupported)
+        projections, out = _projections(module), _first_linear(getattr(module, "proj", None))
+        if projections is None or out is None:
+            raise Unsupported("no input projections (qkv, q+kv, qk+v or q/k/v) and output `proj` to read sizes from")
+        heads = getattr(module, "num_heads", None)
+        if not isinstance(heads, int) or heads < 1 or out.in_features % heads:
+            raise Unsupported(f"head count {heads!r} does not divide the output projection's {out.in_features} inputs")
         return Site(
             name=name, cls=f"timm.{type(module).__name__}", adapter=self.name, layer_index=layer_index,
-            d_model=qkv.in_features, num_heads=module.num_heads, head_dim=module.head_dim,
-            num_kv_heads=module.num_heads, causal=False, note=note,
+            d_model=_first_linear(getattr(module, projections[0])).in_features, num_heads=heads,
+            head_dim=out.in_features // heads, num_kv_heads=heads, causal=False, note=family.note,
         )
 
-    def value_projection(self, module: nn.Module, site: Site) -> LinearWeights:
+    def value_projection(self, module: nn.Module, site: Site) -> LinearWeights | None:
+        """The value rows where the layout shows them; None (the mixer starts from its own init) where a
+        projection mixes values with a norm or interleaves unequal per-head parts (levit)."""
         width = site.out_dim
-        if getattr(module, "qkv", None) is not None:
-            weight = module.qkv.weight[2 * width : 3 * width]
-            bias = getattr(module, "v_bias", None)
-            if bias is None and module.qkv.bias is not None:
-                bias = module.qkv.bias[2 * width : 3 * width]
-            return LinearWeights(weight.detach(), None if bias is None else bias.detach())
-        v = module.v_proj
-        return LinearWeights(v.weight.detach(), None if v.bias is None else v.bias.detach())
+        projections = _projections(module)
+        source, start = {("qkv",): ("qkv", 2), ("q", "kv"): ("kv", 1)}.get(projections, ("v", 0))
+        if projections == ("q_proj", "k_proj", "v_proj"):
+            source = "v_proj"
+        linear = getattr(module, source)
+        if not isinstance(linear, nn.Linear) or linear.out_features != (start + 1) * width:
+            return None
+        rows = slice(start * width, (start + 1) * width)
+        bias = getattr(module, "v_bias", None) if source == "qkv" else None
+        if bias is None and linear.bias is not None:
+            bias = linear.bias[rows]
+        return LinearWeights(linear.weight[rows].detach(), None if bias is None else bias.detach())
 
     def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> ReplacedAttention:
-        return TimmReplacedAttention(site, mixer, module, kept=("norm", "gate", "proj", "proj_drop"))
+        return TimmReplacedAttention(site, mixer, module, FAMILIES.get(_family_key(module), DEFAULT_FAMILY))
 
 
 class TimmReplacedAttention(ReplacedAttention):
+    """The timm call `(x, ...) -> x` with the mixer in place of the projections and attention; the input
+    norm, output norm, gate, `proj` and `proj_drop` are the original's where the class has them."""
+
+    def __init__(self, site: Site, mixer: Mixer, original: nn.Module, family: TimmFamily) -> None:
+        kept = ["proj", *(a for a in ("proj_drop",) if isinstance(getattr(original, a, None), nn.Module))]
+        if family.output_norm:
+            kept += [a for a in ("norm", "gate") if isinstance(getattr(original, a, None), nn.Module)]
+        if family.input_norm:
+            kept.append(family.input_norm)
+        super().__init__(site, mixer, original, tuple(kept))
+        self.layout, self.input_norm = family.layout, family.input_norm
+        self.output_norm = family.output_norm
+
     def read_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         call = self.arguments(args, kwargs)
-        x = call["x"]
+        x = call.get("x", args[0] if args else None)
         if call.get("is_causal") and not self.mixer.causal:
             raise UnsupportedCallError(
                 f"site '{self.site.name}' was called with is_causal=True but its mixer is bidirectional; "
                 "replace it with a causal mixer"
             )
-        return x, padding_from_attention_mask(call.get("attn_mask"), x.shape[0], x.shape[1])
+        if self.layout == "tokens":  # masks of windowed classes are shift masks, not padding: not read
+            return x, padding_from_attention_mask(call.get("attn_mask"), x.shape[0], x.shape[1])
+        return self._flat(x), None
+
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1, 2) if self.layout == "grid" else x.flatten(0, 1)
+
+    def read_output(self, output: Any) -> torch.Tensor:
+        y = super().read_output(output)
+        return y if self.layout == "tokens" else self._flat(y)
 
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-        y = self.norm(self.mixer(x, padding))
-        if self.gate is not None:
-            y = y * self.gate(x).sigmoid()
-        return self.proj_drop(self.proj(y))
+        source = x if self.input_norm is None else getattr(self, self.input_norm)(x)
+        y = self.mixer(source, padding)
+        if self.output_norm:
+            y = self.norm(y) if hasattr(self, "norm") else y
+            if getattr(self, "gate", None) is not None:
+                y = y * self.gate(x).sigmoid()
+        y = self.proj(y)
+        return self.proj_drop(y) if hasattr(self, "proj_drop") else y
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.mix(*self.read_call(args, kwargs))
-
-
-class TimmWindowAttentionAdapter(TimmAdapter):
-    """swin `WindowAttention`: each window is a short sequence in raster order."""
-
-    name = "timm-window-attention"
-
-    def matches(self, module: nn.Module) -> bool:
-        return _is_timm(module, {"WindowAttention"})
-
-    def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
-        head_dim = module.qkv.out_features // 3 // module.num_heads
-        return Site(
-            name=name, cls="timm.WindowAttention", adapter=self.name, layer_index=layer_index,
-            d_model=module.qkv.in_features, num_heads=module.num_heads, head_dim=head_dim,
-            num_kv_heads=module.num_heads, causal=False,
-            note="windows read in raster order; shift mask and relative position bias dropped",
-        )
-
-    def value_projection(self, module: nn.Module, site: Site) -> LinearWeights:
-        width = site.out_dim
-        bias = module.qkv.bias
-        return LinearWeights(
-            module.qkv.weight[2 * width :].detach(), None if bias is None else bias[2 * width :].detach()
-        )
-
-    def wrap(self, site: Site, module: nn.Module, mixer: Mixer) -> ReplacedAttention:
-        return TimmReplacedWindowAttention(site, mixer, module, kept=("proj", "proj_drop"))
-
-
-class TimmReplacedWindowAttention(ReplacedAttention):
-    def read_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, None]:
-        return self.arguments(args, kwargs)["x"], None  # the shift mask is not padding: see the site note
-
-    def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-        return self.proj_drop(self.proj(self.mixer(x, padding)))
-
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        return self.mix(*self.read_call(args, kwargs))
+        call = self.arguments(args, kwargs)
+        x = call.get("x", args[0] if args else None)
+        y = self.mix(*self.read_call(args, kwargs))
+        return y if self.layout == "tokens" else y.reshape(*x.shape[:-1], y.shape[-1])

@@ -1,15 +1,17 @@
-"""Hugging Face transformers support: BERT-family, ViT/DeiT, GPT-2 and Llama-style attention; model loading."""
+"""Hugging Face transformers support: self-attention across families (BERT-style, Llama-style and GPT-2
+adapters, and a structural one for the rest); model loading."""
 
 from __future__ import annotations
 
 from replacer.hookspecs import hookimpl
 from replacer_transformers.adapters import GPT2AttentionAdapter, HFProjectedAttentionAdapter, HFSelfAttentionAdapter
 from replacer_transformers.loading import build_model, describe_model, load_model, load_tokenizer
+from replacer_transformers.structural import HFStructuralAdapter
 
 
 @hookimpl
 def replacer_adapters() -> list:
-    return [HFSelfAttentionAdapter(), HFProjectedAttentionAdapter(), GPT2AttentionAdapter()]
+    return [HFSelfAttentionAdapter(), HFProjectedAttentionAdapter(), GPT2AttentionAdapter(), HFStructuralAdapter()]
 
 
 @hookimpl

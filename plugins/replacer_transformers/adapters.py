@@ -39,7 +39,9 @@ def _rope_note(module: nn.Module) -> str:
 @contextlib.contextmanager
 def _attention_implementation(module: nn.Module, name: str) -> Iterator[None]:
     """The module's config switched to another registered attention implementation for the duration."""
-    config = module.config
+    config = getattr(module, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation"):
+        raise Unsupported(f"{type(module).__name__} keeps no config, so its attention implementation cannot be switched")
     previous = config._attn_implementation
     config._attn_implementation = name
     try:
@@ -54,8 +56,11 @@ def _record_eager_attention(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     implementation, so the module runs eager for the duration."""
     recorded: list[torch.Tensor] = []
 
-    def keep(_module: nn.Module, _args: tuple, output: tuple) -> None:
-        recorded.append(output[1].detach())
+    def keep(module: nn.Module, _args: tuple, output: tuple) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if not isinstance(weights, torch.Tensor):
+            raise Unsupported(f"{type(module).__name__} returns no attention probabilities, even when run eagerly")
+        recorded.append(weights.detach())
 
     handle = module.register_forward_hook(keep)
     try:
@@ -113,13 +118,18 @@ class HFReplacedAttention(ReplacedAttention):
     @staticmethod
     def _read(call: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         x = call["hidden_states"]
-        return x, padding_from_attention_mask(call.get("attention_mask"), x.shape[0], x.shape[1])
+        mask = call.get("attention_mask", call.get("mask"))  # T5 names it `mask`
+        return x, padding_from_attention_mask(mask, x.shape[0], x.shape[1])
+
+    def complete(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The site's output from its input `x` and the mixer's output `y`: the kept output path."""
+        return self.project(y)
 
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-        return self.project(self.mixer(x, padding))
+        return self.complete(x, self.mixer(x, padding))
 
-    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
-        call = self.arguments(args, kwargs)
+    def output(self, call: dict) -> torch.Tensor:
+        """The main output of one call; with a cache on a causal site, the mixer continues from its state."""
         x, padding = self._read(call)
         cache = cache_from_call(call)
         if cache is not None and self.mixer.causal:
@@ -130,8 +140,11 @@ class HFReplacedAttention(ReplacedAttention):
             layer = state_slot(cache, self.cache_index)
             y, layer.state = self.mixer.forward_stateful(x, layer.state, padding)
             layer.seen += x.shape[1]
-            return self.project(y), None
-        return self.mix(x, padding), None
+            return self.complete(x, y)
+        return self.mix(x, padding)
+
+    def forward(self, *args, **kwargs) -> tuple[torch.Tensor, None]:
+        return self.output(self.arguments(args, kwargs)), None
 
 
 class HFSelfAttentionAdapter(HFAdapter):
@@ -140,7 +153,7 @@ class HFSelfAttentionAdapter(HFAdapter):
     name = "hf-self-attention"
 
     def matches(self, module: nn.Module) -> bool:
-        return _from_transformers(module) and all(
+        return _from_transformers(module) and not isinstance(getattr(module, "dense", None), nn.Linear) and all(
             isinstance(getattr(module, p, None), nn.Linear) for p in ("query", "key", "value")
         )
 

@@ -34,9 +34,9 @@ def capture_sites(teacher: nn.Module, wrappers: dict[str, ReplacedAttention]) ->
         def before(_mod, args, kwargs, name=name, wrapper=wrapper):
             pending[name] = wrapper.read_call(args, kwargs)
 
-        def after(_mod, _args, output, name=name):
+        def after(_mod, _args, output, name=name, wrapper=wrapper):
             x, keep = pending.pop(name)
-            y = output[0] if isinstance(output, tuple) else output
+            y = wrapper.read_output(output)
             records[name].append((x.detach(), y.detach(), keep))
 
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))

@@ -21,6 +21,9 @@ class Adapter(abc.ABC):
     """Knows one family of attention classes: how to recognise, measure, initialise from and wrap them."""
 
     name: str = ""
+    priority: int = 0
+    """Adapters with a higher priority are asked first (ties: the order plugins registered them), so a
+    family's own adapter wins over a structural one that would also match, whatever was installed first."""
 
     @abc.abstractmethod
     def matches(self, module: nn.Module) -> bool:
@@ -82,7 +85,13 @@ class ReplacedAttention(nn.Module):
 
     @abc.abstractmethod
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
-        """What the original module's main output would be: mixer, then the kept output path."""
+        """What the original module's main output would be, laid out like `read_call`'s input: mixer, then
+        the kept output path."""
+
+    def read_output(self, output: Any) -> torch.Tensor:
+        """The original module's main output laid out as `mix` returns it (the first of a tuple by default;
+        sites whose tokens sit on a grid flatten it like `read_call` flattens the input)."""
+        return output[0] if isinstance(output, tuple) else output
 
     def extra_repr(self) -> str:
         return f"site={self.site.name!r}, adapter={self.site.adapter!r}"

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from replacer.errors import NoAttentionError
+from replacer.errors import NoAttentionError, summary
 from replacer.graph.adapter import Adapter, ReplacedAttention, Unsupported
 from replacer.graph.site import Site, UnsupportedSite
 
@@ -68,6 +68,17 @@ def _class_path(module: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _first_match(adapters: list[Adapter], module: nn.Module) -> Adapter | None:
+    """The first adapter that claims `module`; one whose check itself fails does not claim it."""
+    for adapter in adapters:
+        try:
+            if adapter.matches(module):
+                return adapter
+        except Exception:  # noqa: BLE001 - a faulty check is no match; the next adapter may know the class
+            continue
+    return None
+
+
 def scan(model: nn.Module, adapters: list[Adapter] | None = None) -> ScanResult:
     """Every attention site in `model`; modules that look like attention but are not understood are listed.
 
@@ -87,7 +98,7 @@ def scan(model: nn.Module, adapters: list[Adapter] | None = None) -> ScanResult:
             claimed.append(name)
             result.replaced.append(module.site)
             continue
-        adapter = next((a for a in adapters if a.matches(module)), None)
+        adapter = _first_match(adapters, module)
         if adapter is None:
             if name and _LOOKS_LIKE_ATTENTION.search(type(module).__name__):
                 lookalikes.append((name, module))
@@ -98,6 +109,9 @@ def scan(model: nn.Module, adapters: list[Adapter] | None = None) -> ScanResult:
             result.sites.append(adapter.describe(name, module, layer_index=index))
         except Unsupported as why:
             result.unsupported.append(UnsupportedSite(name, _class_path(module), str(why)))
+        except Exception as exc:  # noqa: BLE001 - a module an adapter misreads is a row, never a crash
+            reason = f"adapter '{adapter.name}' could not read this module ({type(exc).__name__}: {summary(exc)})"
+            result.unsupported.append(UnsupportedSite(name, _class_path(module), reason))
     for name, module in lookalikes:
         is_container = any(c.startswith(name + ".") for c in claimed)
         if not is_container:
