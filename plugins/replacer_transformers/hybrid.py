@@ -21,7 +21,7 @@ from replacer.errors import UnsupportedCallError
 from replacer.graph.adapter import Unsupported, padding_from_attention_mask
 from replacer.graph.site import Site, head_rows
 from replacer.mixer import Mixer
-from replacer_transformers.adapters import HFReplacedAttention
+from replacer_transformers.convention import HFReplacedAttention
 from replacer_transformers.cache import HybridCacheLayer, cache_from_call, state_slot
 
 

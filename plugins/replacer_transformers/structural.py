@@ -25,7 +25,7 @@ from torch import nn
 from replacer.graph.adapter import ReplacedAttention, Unsupported
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import Mixer
-from replacer_transformers.adapters import HFAdapter, HFReplacedAttention, _expand_kv_heads, _from_transformers, _rope_note
+from replacer_transformers.convention import HFAdapter, HFReplacedAttention, expand_kv_heads, from_transformers, rope_note
 
 SEPARATE = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"), ("q_lin", "k_lin", "v_lin"),
             ("query_proj", "key_proj", "value_proj"))
@@ -172,7 +172,7 @@ class HFStructuralAdapter(HFAdapter):
     priority = -10
 
     def matches(self, module: nn.Module) -> bool:
-        if not _from_transformers(module):
+        if not from_transformers(module):
             return False
         if _is_attention_pooling(module):
             return True
@@ -208,7 +208,7 @@ class HFStructuralAdapter(HFAdapter):
         if out is not None and _weight(getattr(module, out)).shape[1] != heads * head_dim:
             raise Unsupported(f"output projection '{out}' does not read the {heads} x {head_dim} merged heads")
         family = _family(module)
-        note = "; ".join(n for n in (family.note, _rope_note(module)) if n)
+        note = "; ".join(n for n in (family.note, rope_note(module)) if n)
         if out is None:
             note = "; ".join(n for n in ("output projection lives outside the module", note) if n)
         return Site(
@@ -222,13 +222,13 @@ class HFStructuralAdapter(HFAdapter):
         projection = getattr(module, inputs[-1])
         weight, bias = _weight(projection).detach(), projection.bias
         bias = None if bias is None else bias.detach()
-        hd, heads, kv = site.head_dim, site.num_heads, site.num_kv_heads
+        heads, kv = site.num_heads, site.num_kv_heads
         if len(inputs) == 1:
             rows = self._value_rows(module, site)
             if rows is None:
                 return None
             weight, bias = weight[rows], None if bias is None else bias[rows]
-        return LinearWeights(_expand_kv_heads(weight, kv, heads), None if bias is None else _expand_kv_heads(bias, kv, heads))
+        return LinearWeights(expand_kv_heads(weight, kv, heads), None if bias is None else expand_kv_heads(bias, kv, heads))
 
     @staticmethod
     def _value_rows(module: nn.Module, site: Site) -> torch.Tensor | None:
