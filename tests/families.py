@@ -110,6 +110,14 @@ FAMILIES: list[Family] = [
     Family("Persimmon", "transformers", _hf("persimmon", "PersimmonForCausalLM"), _ids()),
     Family("XGLM", "transformers", _hf("xglm", "XGLMForCausalLM"), _ids()),
     Family("BioGPT", "transformers", _hf("biogpt", "BioGptForCausalLM"), _ids()),
+    Family("Mixtral (MoE)", "transformers", _hf("mixtral", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2), _ids()),
+    Family("DeepSeek-V3 (latent attention, MoE)", "transformers", _hf(
+        "deepseek_v3", "DeepseekV3ForCausalLM", drop=("head_dim",), num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8, n_group=1, topk_group=1, first_k_dense_replace=1,
+        moe_intermediate_size=16), _ids()),
+    Family("MobileBERT", "transformers", _hf("mobilebert", "MobileBertModel", embedding_size=32, intra_bottleneck_size=32),
+           _ids(), "unsupported: calling convention"),
+    Family("Longformer", "transformers", _hf("longformer", "LongformerModel", attention_window=4), _ids(), "unsupported: sliding-window"),
     # transformers encoder-decoders
     Family("T5", "transformers", lambda: T.T5Model(T.T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4, vocab_size=100)),
            _with_decoder(_ids()), _CROSS),
@@ -150,6 +158,7 @@ FAMILIES: list[Family] = [
     Family("MaxViT", "timm", _timm("maxvit_rmlp_pico_rw_256", img_size=64, depths=(1, 1, 1, 1)), _image(64)),
     Family("SAM ViT", "timm", _timm("samvit_base_patch16", img_size=64, depth=2, embed_dim=32, num_heads=4, global_attn_indexes=(1,),
                                     window_size=2, neck_chans=16), _image(64)),
+    Family("FastViT (attention stages)", "timm", _timm("fastvit_sa12", layers=(1, 1, 1, 1)), _image(64)),
     Family("DaViT", "timm", _timm("davit_tiny", depths=(1, 1, 1, 1)), _image(64), "partial: channel attention"),
     Family("XCiT", "timm", _timm("xcit_nano_12_p16_224", img_size=32, depth=2), _image(32), "unsupported: channel attention"),
     Family("EdgeNeXt", "timm", _timm("edgenext_xx_small", depths=(1, 1, 1, 1)), _image(64), "unsupported: channel attention"),

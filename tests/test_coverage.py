@@ -77,7 +77,8 @@ def test_readme_table_is_rendered_from_the_families():
 
 
 _INPUT_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "query", "key", "value", "q", "k", "v", "q_lin", "k_lin", "v_lin",
-                      "query_proj", "key_proj", "value_proj", "query_key_value", "qkv_proj", "Wqkv", "c_attn", "qkv", "kv", "qk"}
+                      "query_proj", "key_proj", "value_proj", "query_key_value", "qkv_proj", "Wqkv", "c_attn", "qkv", "kv", "qk",
+                      "Wq", "Wk", "Wv", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"}
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if status(f) != "unsupported"], ids=lambda f: f.name)
@@ -190,5 +191,6 @@ def test_value_projection_is_the_rows_that_compute_the_values(family: Family):
         expected = x @ value.weight.T + (0 if value.bias is None else value.bias)
         torch.testing.assert_close(expected, reference, atol=1e-5, rtol=1e-4)
         checked += 1
-    skipped_by_design = {"CodeGen", "DeBERTa-v2", "MPNet", "RoFormer", "GPT-Neo", "MPT", "XGLM"}  # own attention code, no split method
+    # own attention code and no split method to compare with, or a layout declared unknown (CodeGen, latent attention)
+    skipped_by_design = {"CodeGen", "DeBERTa-v2", "MPNet", "RoFormer", "GPT-Neo", "MPT", "XGLM", "DeepSeek-V3 (latent attention, MoE)"}
     assert checked or family.name in skipped_by_design

@@ -51,7 +51,10 @@ def replacer_describe_model(model: nn.Module) -> dict | None:
     if not type(model).__module__.startswith("timm.") or not cfg or not cfg.get("architecture"):
         return None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    sized = _size_arguments(model)
+    try:
+        sized = _size_arguments(model)
+    except (AttributeError, TypeError):  # an architecture laid out unlike the guess (sam2's HieraDet)
+        sized = {"num_classes": getattr(model, "num_classes", 1000)}
     for kwargs in (sized, {"num_classes": sized["num_classes"]}):
         origin = {"family": "timm", "architecture": cfg["architecture"], "kwargs": kwargs}
         try:

@@ -85,7 +85,8 @@ class TimmFamily:
     """What differs between timm attention classes that share the projection layout.
 
     `layout`: how tokens sit in the input: `tokens` (B, N, C); `grid` (B, H, W, C), read in raster
-    order; `blocks` (B, T, N, C), each of the T blocks its own sequence. `input_norm` names a norm the
+    order; `blocks` (B, T, N, C), each of the T blocks its own sequence; `channels` (B, C, H, W), a
+    feature map read in raster order. `input_norm` names a norm the
     class applies to its input before the projections; `output_norm` means `norm` (and `gate`, where
     present) act on the merged heads before `proj`. `unsupported` is the reason a class is refused.
     """
@@ -95,6 +96,8 @@ class TimmFamily:
     output_norm: bool = False
     note: str = ""
     unsupported: str = ""
+    pools: str | None = None
+    """An attribute that, where the module sets it, pools the queries: those modules are refused (`_POOLING`)."""
 
 
 _CLASS_TOKEN = "class attention: only the class token queries, so the output is one token, not the sequence a mixer produces"
@@ -116,6 +119,8 @@ FAMILIES: dict[str, TimmFamily] = {
     "models.nest.Attention": TimmFamily(layout="blocks", note="each block of tokens read in raster order"),
     "models.vision_transformer_sam.Attention": TimmFamily(layout="grid", note="tokens read in raster order; relative position dropped"),
     "models.volo.Attention": TimmFamily(layout="grid", note="tokens read in raster order"),
+    "models.fastvit.Attention": TimmFamily(layout="channels", note="feature map read in raster order"),
+    "models.hieradet_sam2.MultiScaleAttention": TimmFamily(layout="grid", pools="q_pool", note="windows read in raster order"),
     "models.maxxvit.AttentionCl": TimmFamily(layout="grid", note="windows and grids read in raster order; relative position bias dropped"),
     "models.vision_transformer_relpos.RelPosAttention": TimmFamily(note="relative position bias dropped"),
     "models.pvt_v2.Attention": TimmFamily(note="spatial reduction of keys and values dropped: the mixer reads every token"),
@@ -187,6 +192,8 @@ class TimmAttentionAdapter(TimmAdapter):
         family = FAMILIES.get(_family_key(module), DEFAULT_FAMILY)
         if family.unsupported:
             raise Unsupported(family.unsupported)
+        if family.pools and getattr(module, family.pools, None) is not None:
+            raise Unsupported(_POOLING)
         projections, out = _projections(module), _first_linear(getattr(module, "proj", None))
         if projections is None or out is None:
             raise Unsupported("no input projections (qkv, q+kv, qk+v or q/k/v) and output `proj` to read sizes from")
@@ -242,12 +249,26 @@ class TimmReplacedAttention(ReplacedAttention):
                 f"site '{self.site.name}' was called with is_causal=True but its mixer is bidirectional; "
                 "replace it with a causal mixer"
             )
-        if self.layout == "tokens":  # masks of windowed classes are shift masks, not padding: not read
-            return x, padding_from_attention_mask(call.get("attn_mask"), x.shape[0], x.shape[1])
-        return self._flat(x), None
+        if self.layout != "tokens":
+            return self._flat(x), None
+        if x.dim() != 3:
+            raise UnsupportedCallError(
+                f"site '{self.site.name}' ({self.site.cls}) was called with a {tuple(x.shape)} input, not (batch, tokens, "
+                "channels): its family needs an entry in replacer_timm's FAMILIES saying how its tokens are laid out"
+            )
+        # masks of windowed classes are shift masks, not padding: only `attn_mask` is read
+        return x, padding_from_attention_mask(call.get("attn_mask"), x.shape[0], x.shape[1])
 
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1, 2) if self.layout == "grid" else x.flatten(0, 1)
+        if self.layout == "grid":
+            return x.flatten(1, 2)
+        return x.flatten(0, 1) if self.layout == "blocks" else x.flatten(2).transpose(1, 2)
+
+    def _unflat(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`mix`'s (sequences, tokens, channels) output in the layout of the call's input `x`."""
+        if self.layout == "channels":
+            return y.transpose(1, 2).reshape(x.shape[0], y.shape[-1], *x.shape[2:])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     def read_output(self, output: Any) -> torch.Tensor:
         y = super().read_output(output)
@@ -267,4 +288,4 @@ class TimmReplacedAttention(ReplacedAttention):
         call = self.arguments(args, kwargs)
         x = call.get("x", args[0] if args else None)
         y = self.mix(*self.read_call(args, kwargs))
-        return y if self.layout == "tokens" else y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if self.layout == "tokens" else self._unflat(y, x)

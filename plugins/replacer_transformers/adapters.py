@@ -10,7 +10,7 @@ from replacer.graph.adapter import ReplacedAttention
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import Mixer
 from replacer_transformers.convention import (
-    HFAdapter, HFReplacedAttention, expand_kv_heads, from_transformers, reject_cross_attention, rope_note,
+    HFAdapter, HFReplacedAttention, expand_kv_heads, first_parameter, from_transformers, reject_cross_attention, rope_note,
 )
 from replacer_transformers.hybrid import HFHybridAttention
 
@@ -21,8 +21,13 @@ class HFSelfAttentionAdapter(HFAdapter):
     name = "hf-self-attention"
 
     def matches(self, module: nn.Module) -> bool:
-        return from_transformers(module) and not isinstance(getattr(module, "dense", None), nn.Linear) and all(
-            isinstance(getattr(module, p, None), nn.Linear) for p in ("query", "key", "value")
+        """BERT's layout and convention exactly; look-alikes that differ (an output projection inside, other
+        head attributes, another call) are left to the structural adapter, which says what differs."""
+        return (
+            from_transformers(module) and not isinstance(getattr(module, "dense", None), nn.Linear)
+            and all(isinstance(getattr(module, p, None), nn.Linear) for p in ("query", "key", "value"))
+            and all(isinstance(getattr(module, a, None), int) for a in ("num_attention_heads", "attention_head_size"))
+            and first_parameter(module) == "hidden_states"
         )
 
     def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:

@@ -22,6 +22,12 @@ def from_transformers(module: nn.Module) -> bool:
     return type(module).__module__.startswith("transformers.")
 
 
+def first_parameter(module: nn.Module) -> str | None:
+    """The name of the first parameter of `module.forward` (`hidden_states` in the shared convention)."""
+    params = list(inspect.signature(module.forward).parameters)
+    return params[0] if params else None
+
+
 def reject_cross_attention(module: nn.Module) -> None:
     if getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__:
         raise Unsupported("cross-attention reads a second sequence; a sequence mixer has only one input")

@@ -7,7 +7,8 @@ adapter reads a module's structure: separate q/k/v projections under any of the 
 one fused projection, and the output projection if the module owns one (BERT-style modules leave it
 to a sibling). Sizes come from the weights, checked against the config's head counts. What a
 family does beyond that (ALBERT's norm over input + output, Bloom's residual inside the attention,
-the order of a fused projection's rows) is one `FAMILIES` entry, keyed by the config's model type.
+the order of a fused projection's rows) is one `FAMILIES` entry, keyed by the config's model type (or
+by class, where one family's attention classes differ).
 """
 
 from __future__ import annotations
@@ -25,11 +26,14 @@ from torch import nn
 from replacer.graph.adapter import ReplacedAttention, Unsupported
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import Mixer
-from replacer_transformers.convention import HFAdapter, HFReplacedAttention, expand_kv_heads, from_transformers, rope_note
+from replacer_transformers.convention import (
+    HFAdapter, HFReplacedAttention, expand_kv_heads, first_parameter, from_transformers, rope_note,
+)
 
 SEPARATE = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"), ("q_lin", "k_lin", "v_lin"),
-            ("query_proj", "key_proj", "value_proj"))
+            ("query_proj", "key_proj", "value_proj"), ("Wq", "Wk", "Wv"))
 FUSED = ("query_key_value", "qkv_proj", "Wqkv", "c_attn", "qkv")
+LATENT = "kv_a_proj_with_mqa"  # multi-head latent attention (DeepSeek-V2/V3): keys and values from a low-rank latent
 OUTPUT = ("o_proj", "out_proj", "dense", "o", "out_lin", "c_proj")
 OUTPUT_DROPOUT = ("resid_dropout",)
 CROSS_NAMES = ("encoder_attn", "crossattention", "EncDecAttention", "cross_attn", "cross_attention")
@@ -51,6 +55,7 @@ class HFFamily:
     post_norm: str | None = None
     residual: str | None = None
     note: str = ""
+    unsupported: str = ""
 
 
 def _falcon_layout(module: nn.Module) -> str:
@@ -58,6 +63,9 @@ def _falcon_layout(module: nn.Module) -> str:
         return "grouped"
     return "stacked" if getattr(module, "multi_query", False) else "interleaved"
 
+
+_SLIDING = ("sliding-window attention with global tokens, whose mask marks global, local and padded tokens in one "
+            "additive vector: no padding mask can be read from it")
 
 FAMILIES: dict[str, HFFamily] = {
     "albert": HFFamily(post_norm="LayerNorm"),
@@ -74,6 +82,8 @@ FAMILIES: dict[str, HFFamily] = {
     "deberta": HFFamily(note="disentangled relative position attention dropped"),
     "deberta-v2": HFFamily(note="disentangled relative position attention dropped"),
     "mpnet": HFFamily(note="relative position bias dropped"),
+    "LongformerSelfAttention": HFFamily(unsupported=_SLIDING),
+    "LEDEncoderSelfAttention": HFFamily(unsupported=_SLIDING),
 }
 DEFAULT = HFFamily()
 
@@ -91,7 +101,7 @@ def _layout(module: nn.Module) -> tuple[tuple[str, ...], str | None] | None:
     """(the input projections' names, the output projection's name or None), or None if it has neither layout."""
     children = dict(module.named_children())
     inputs = next((names for names in SEPARATE if all(_is_projection(children.get(n)) for n in names)), None)
-    inputs = inputs or next(((n,) for n in FUSED if _is_projection(children.get(n))), None)
+    inputs = inputs or next(((n,) for n in (*FUSED, LATENT) if _is_projection(children.get(n))), None)
     if inputs is None:
         return None
     out = next((n for n in OUTPUT if n not in inputs and _is_projection(children.get(n))), None)
@@ -121,7 +131,8 @@ def _model_type(module: nn.Module) -> str:
 
 
 def _family(module: nn.Module) -> HFFamily:
-    return FAMILIES.get(_model_type(module), DEFAULT)
+    """The entry for the module's class if there is one (a family whose attention classes differ), else its model type's."""
+    return FAMILIES.get(type(module).__name__) or FAMILIES.get(_model_type(module), DEFAULT)
 
 
 def _is_causal(module: nn.Module, config: Any) -> bool:
@@ -174,16 +185,17 @@ class HFStructuralAdapter(HFAdapter):
     def matches(self, module: nn.Module) -> bool:
         if not from_transformers(module):
             return False
-        if _is_attention_pooling(module):
-            return True
-        if _layout(module) is None:
-            return False
-        params = list(inspect.signature(module.forward).parameters)
-        return bool(params) and params[0] == "hidden_states"
+        return _is_attention_pooling(module) or _layout(module) is not None
 
     def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
         if _is_attention_pooling(module):
             raise Unsupported("attention pooling: a learned probe query attends to the tokens, so the output is one vector, not a sequence")
+        if first_parameter(module) != "hidden_states":
+            params = ", ".join(list(inspect.signature(module.forward).parameters)[:3])
+            raise Unsupported(f"its forward takes ({params}, ...), not the hidden states first: a calling convention no installed adapter reads")
+        family = _family(module)
+        if family.unsupported:
+            raise Unsupported(family.unsupported)
         inputs, out = _layout(module)
         cross = getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__
         if cross or name.rpartition(".")[2] in CROSS_NAMES:
@@ -197,7 +209,10 @@ class HFStructuralAdapter(HFAdapter):
         if any(w.shape[1] != d_model for w in weights):
             raise Unsupported("keys and values are projected from a different width than queries: cross-attention")
         head_dim = _first_int((module,), _HEAD_WIDTHS)
-        if len(inputs) == 3:
+        if inputs == (LATENT,):  # the merged heads are what the output projection reads
+            head_dim = _first_int((module,), ("v_head_dim",)) or (_weight(getattr(module, out)).shape[1] // heads if out else 0)
+            kv_width = heads * head_dim
+        elif len(inputs) == 3:
             head_dim = head_dim or weights[0].shape[0] // heads
             kv_width = weights[2].shape[0]
         else:
@@ -207,8 +222,8 @@ class HFStructuralAdapter(HFAdapter):
             raise Unsupported(f"projections of {[tuple(w.shape) for w in weights]} do not split into {heads} heads of {head_dim}")
         if out is not None and _weight(getattr(module, out)).shape[1] != heads * head_dim:
             raise Unsupported(f"output projection '{out}' does not read the {heads} x {head_dim} merged heads")
-        family = _family(module)
-        note = "; ".join(n for n in (family.note, rope_note(module)) if n)
+        latent = "multi-head latent attention: the input projection starts from its own initialisation" if inputs == (LATENT,) else ""
+        note = "; ".join(n for n in (family.note, latent, rope_note(module)) if n)
         if out is None:
             note = "; ".join(n for n in ("output projection lives outside the module", note) if n)
         return Site(
@@ -219,6 +234,8 @@ class HFStructuralAdapter(HFAdapter):
 
     def value_projection(self, module: nn.Module, site: Site) -> LinearWeights | None:
         inputs, _ = _layout(module)
+        if inputs == (LATENT,):
+            return None
         projection = getattr(module, inputs[-1])
         weight, bias = _weight(projection).detach(), projection.bias
         bias = None if bias is None else bias.detach()
