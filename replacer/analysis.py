@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replacer.distill.blockwise import site_wrappers
+from replacer.graph.adapter import site_wrappers
 from replacer.distill.capture import capture_sites
 from replacer.tasks import Batch, Task
 

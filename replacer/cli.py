@@ -160,14 +160,17 @@ def validate(
     recipe: Path = typer.Argument(..., help="recipe YAML"),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="override KEY.PATH=VALUE; repeatable"),
 ) -> None:
-    """Check a recipe (and overrides) without running it: its fields, and the plugins and options it names."""
+    """Check a recipe (and overrides) without running it: its fields, the plugins and options it names, the
+    model (loaded, not trained), the data sources and the sites it selects."""
     from replacer.components import check_components
+    from replacer.inputs import preflight
     from replacer.recipe import load_recipe
     from replacer.run_dir import check_run_dir
 
     loaded = load_recipe(recipe, set_)
     check_components(loaded)
     check_run_dir(loaded.directory, recipe)
+    preflight(loaded)
     console.print(f"{recipe}: valid recipe '{loaded.name}' (run dir {loaded.directory})")
 
 

@@ -15,10 +15,10 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import ConcatDataset
 
-from replacer.errors import ModelSourceError, ReplacerError, summary
+from replacer.errors import ModelSourceError, ReplacerError, SiteSelectionError, summary
 from replacer.models import load_model
 from replacer.plugins import get_registry
-from replacer.recipe import DataSource, DigitsData, IdxData, ImageFolderData, ModelSpec, Recipe, TextData
+from replacer.recipe import DataSource, DigitsData, IdxData, ImageFolderData, ModelSpec, Recipe, SitePolicy, TextData
 
 
 class MissingInputError(ReplacerError):
@@ -31,11 +31,25 @@ def _missing_data(section: str, sources: list[DataSource]) -> list[str]:
         where = f"data.{section}[{i}]"
         if isinstance(source, ImageFolderData) and not source.root.is_dir():
             problems.append(f"{where}.root {source.root} does not exist (point it at an ImageNet-style class-folder copy)")
+        if isinstance(source, TextData):
+            problems += _missing_text(where, source.source)
         if isinstance(source, IdxData) and not source.folder.is_dir():
             problems.append(
                 f"{where}.folder {source.folder} does not exist (apt-get install dataset-fashion-mnist, or point it at the IDX files)"
             )
     return problems
+
+
+def _missing_text(where: str, source: str) -> list[str]:
+    """A text source that names a file that is not there, or no source form at all."""
+    from replacer.data.text import SOURCE_FORMS, TEXT_SOURCES
+
+    kind, sep, target = source.partition(":")
+    if source in TEXT_SOURCES or (sep and target and kind == "hf"):
+        return []
+    if sep and target and kind in ("file", "jsonl"):
+        return [] if Path(target).is_file() else [f"{where}.source {source}: {target} does not exist"]
+    return [f"{where}.source: unknown text source '{source}': give one of {SOURCE_FORMS}"]
 
 
 def load_teacher(spec: ModelSpec) -> nn.Module:
@@ -90,16 +104,36 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def preflight(recipe: Recipe) -> nn.Module:
-    """Load the teacher and check the data folders; report every missing input in one line."""
+    """Load the teacher, check the data folders and the sites the recipe selects against the model's
+    scan; report every problem in one line, before any work (`replacer validate` runs the same)."""
     problems = _missing_data("train", recipe.data.train) + _missing_data("eval", recipe.data.eval)
     teacher = None
     try:
         teacher = load_teacher(recipe.model)
+        check_sites(recipe, teacher)
     except ReplacerError as exc:
         problems.insert(0, str(exc))
     if problems:
         raise MissingInputError("; ".join(problems))
     return teacher
+
+
+def check_sites(recipe: Recipe, teacher: nn.Module) -> None:
+    """The recipe's sites exist in `teacher`: explicit selectors each match a replaceable site, a layer policy
+    asks for no more layers than there are, and `all` finds at least one."""
+    from replacer.graph.scan import scan
+    from replacer.replace import select_sites
+
+    found = scan(teacher)
+    chosen = recipe.sites
+    if isinstance(chosen, SitePolicy):
+        if chosen.layers is not None and chosen.layers > len(found.sites):
+            raise SiteSelectionError(f"sites.layers={chosen.layers} but {found.model_name} has {len(found.sites)} replaceable layers")
+        chosen = None
+    try:
+        select_sites(found, None if chosen == "all" else chosen)
+    except SiteSelectionError as exc:
+        raise SiteSelectionError(f"sites: {exc}") from None
 
 
 def load_tokenizer(recipe: Recipe) -> Any:

@@ -16,11 +16,10 @@ import copy
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
 import replacer
@@ -35,6 +34,7 @@ from replacer.evaluate import evaluate, median_latency_ms, outputs, write_figure
 from replacer.graph.scan import scan
 from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
 from replacer.pruning.latency import Measure
+from replacer.progress import for_console
 from replacer.pruning.stage import budget_name, prune_budgets
 from replacer.recipe import Recipe
 from replacer.run_dir import RunDir, check_run_dir
@@ -48,22 +48,6 @@ from replacer.training_state import clear_state
 
 EVALUATION = "evaluation.json"
 STAGES = ("teacher", "analyze", "sparsify", "distill", "tune", "prune", "evaluate", "export")
-
-
-class RunProgress:
-    """Rich progress bars with ETA, one per unit of work."""
-
-    def __init__(self, console: Console) -> None:
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False,
-        )
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: int) -> Iterator[Callable[[], None]]:
-        task_id = self.progress.add_task(description, total=total)
-        yield lambda: self.progress.advance(task_id)
-        self.progress.update(task_id, completed=total)
 
 
 def _student(recipe: Recipe, teacher: nn.Module, selection: Selection) -> nn.Module:
@@ -88,8 +72,8 @@ def prepare(recipe: Recipe) -> tuple[nn.Module, Task, BatchPlan]:
 def analyze_recipe(recipe: Recipe, folder: Path, console: Console) -> dict[str, Any]:
     """`replacer analyze`: the teacher's attention statistics (JSON) and heatmap, without converting anything."""
     teacher, task, plan = prepare(recipe)
-    progress = RunProgress(console)
-    with progress.progress:
+    progress = for_console(console)
+    with progress:
         if recipe.teacher.train:
             with progress.task("teacher: train from scratch", recipe.teacher.steps) as advance:
                 teacher, _ = obtain_teacher(recipe, teacher, task, plan, advance, lambda _: None)
@@ -123,9 +107,9 @@ def _run_stages(
     recipe: Recipe, run: RunDir, teacher: nn.Module, task: Task, plan: BatchPlan, console: Console, world: World
 ) -> dict[str, Any] | None:
     held_out = load_examples(recipe.data.eval, recipe.seed + 1)
-    progress = RunProgress(console)
+    progress = for_console(console)
     stage_dir = run.path / "students"
-    with progress.progress, contextlib.ExitStack() as stack:
+    with progress, contextlib.ExitStack() as stack:
         if recipe.teacher.train:
             start = time.time()
             # rank 0 trains (or finds) the teacher; the others then read its cache

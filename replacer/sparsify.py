@@ -23,7 +23,7 @@ from replacer.tasks import Task
 from replacer.training_state import clear_state
 
 if TYPE_CHECKING:
-    from replacer.run import RunProgress
+    from replacer.progress import Progress
 
 
 @contextlib.contextmanager
@@ -38,7 +38,7 @@ def sparse_attention(model: nn.Module, top_k: int) -> Iterator[nn.Module]:
 
 def sparsified_teacher(
     dense: nn.Module, task: Task, plan: BatchPlan, spec: SparsifySpec, tune: TuneSpec, folder: Path,
-    progress: "RunProgress", log: Callable[[dict], None], stack: contextlib.ExitStack, world: World = SINGLE,
+    progress: "Progress", log: Callable[[dict], None], stack: contextlib.ExitStack, world: World = SINGLE,
 ) -> tuple[nn.Module, nn.Module]:
     """The sparse teacher (attention sparse while `stack` lives) and its weights under dense attention,
     which students are built on. Recovery trains every teacher weight against the dense teacher."""

@@ -231,7 +231,7 @@ def check_adapter(
     import tempfile
 
     import replacer
-    from replacer.distill.blockwise import site_wrappers
+    from replacer.graph.adapter import site_wrappers
     from replacer.distill.capture import capture_sites
 
     torch.manual_seed(0)

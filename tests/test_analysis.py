@@ -13,7 +13,7 @@ from PIL import Image
 import replacer
 from conftest import tiny_deit, tiny_text_bert
 from replacer import analysis
-from replacer.distill.blockwise import site_wrappers
+from replacer.graph.adapter import site_wrappers
 from replacer.distill.capture import capture_sites
 from replacer.tasks import ClassificationTask, EmbeddingTask
 

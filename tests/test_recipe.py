@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,24 @@ def test_teacher_training_needs_random_initial_weights(tmp_path):
     except RecipeError as exc:
         message = str(exc)
     assert "leave model.checkpoint unset" in message and "\n" not in message and "{" not in message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sites=[nowhere.*]", r"sites: site selector 'nowhere\.\*' matches no replaceable attention site"),
+    ("sites=[99]", r"sites: site selector 99 matches no replaceable attention site"),
+    ("sites={policy: random, layers: 40}", r"sites.layers=40 but BertModel has 6 replaceable layers"),
+    ("data.train=[{kind: text, source: 'jsonl:/nonexistent/texts.jsonl'}]", r"data.train\[0\].source jsonl:/nonexistent/texts.jsonl: .* does not exist"),
+    ("data.eval=[{kind: text, source: fortunez}]", r"data.eval\[0\].source: unknown text source 'fortunez'"),
+])
+def test_validate_and_run_report_what_the_model_and_data_cannot_satisfy_before_any_work(tmp_path, override, message, monkeypatch):
+    import replacer.run
+
+    started = []
+    monkeypatch.setattr(replacer.run, "_run_stages", lambda *a, **k: started.append(1))
+    runner = CliRunner()
+    path = write(tmp_path, MINIMAL + f"run_dir: {tmp_path / 'run'}\n")
+    for command in ("validate", "run"):
+        result = runner.invoke(app, [command, str(path), "--set", override])
+        assert result.exit_code == 2, result.output
+        assert re.search(message, " ".join(result.output.split())), result.output
+    assert not started and not (tmp_path / "run").exists()

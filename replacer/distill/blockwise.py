@@ -22,7 +22,7 @@ from replacer.batches import BatchPlan
 from replacer.errors import DivergedError, ReplacerError
 from replacer.distill.capture import DiskStore, MemoryStore, capture_sites
 from replacer.distill.losses import site_loss
-from replacer.graph.adapter import ReplacedAttention
+from replacer.graph.adapter import ReplacedAttention, site_wrappers
 from replacer.recipe import DistillSpec
 from replacer.tasks import Task
 from replacer.distill.loop import train_loop
@@ -31,14 +31,10 @@ from replacer.files import read_or_explain, write_atomically
 from replacer.training_state import clear_state
 
 if TYPE_CHECKING:
-    from replacer.run import RunProgress
+    from replacer.progress import Progress
 
 Store = MemoryStore | DiskStore
 Log = Callable[[dict], None]
-
-
-def site_wrappers(student: nn.Module) -> dict[str, ReplacedAttention]:
-    return {name: m for name, m in student.named_modules() if isinstance(m, ReplacedAttention)}
 
 
 def capture(
@@ -137,7 +133,7 @@ def _train_in_worker(wrapper: ReplacedAttention, cache: Path, spec: DistillSpec,
 
 def distill_blockwise(
     student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSpec, folder: Path,
-    seed: int, progress: RunProgress, log: Log, world: World = SINGLE,
+    seed: int, progress: "Progress", log: Log, world: World = SINGLE,
 ) -> dict[str, float]:
     """Distill every replaced site of `student`; returns the final loss per site (NaN: finished earlier).
 
@@ -163,7 +159,7 @@ def distill_blockwise(
 
 def _train_sites(
     todo: dict[str, ReplacedAttention], teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSpec,
-    folder: Path, seed: int, progress: RunProgress, log: Log, world: World,
+    folder: Path, seed: int, progress: "Progress", log: Log, world: World,
 ) -> dict[str, float]:
     results: dict[str, float] = {}
     marker = "complete" if not world.distributed else f"complete-rank{world.rank}-of-{world.size}"

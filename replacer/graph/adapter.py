@@ -97,6 +97,11 @@ class ReplacedAttention(nn.Module):
         return f"site={self.site.name!r}, adapter={self.site.adapter!r}"
 
 
+def site_wrappers(model: nn.Module) -> dict[str, ReplacedAttention]:
+    """Every replaced site of `model`, by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, ReplacedAttention)}
+
+
 def padding_from_attention_mask(
     mask: torch.Tensor | None, batch: int, query_len: int
 ) -> torch.Tensor | None:

@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from replacer.distill.blockwise import site_wrappers
+from replacer.graph.adapter import site_wrappers
 from replacer.errors import ReplacerError
 from replacer.pruning.groups import GroupIndex, apply_shapes, shrink
 from replacer.pruning.importance import Importance, hoyer_square, magnitude, taylor

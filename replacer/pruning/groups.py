@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from replacer.distill.blockwise import site_wrappers
+from replacer.graph.adapter import site_wrappers
 from replacer.errors import ReplacerError
 from replacer.mixer import Mixer, PruneGroup
 

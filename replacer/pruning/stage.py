@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-import replacer
 from replacer.batches import BatchPlan
+from replacer.checkpoint import load, save
 from replacer.distill.end_to_end import student_loss, tune_end_to_end
 from replacer.distributed import SINGLE, World
 from replacer.errors import ReplacerError
@@ -28,7 +28,7 @@ from replacer.tasks import Task
 from replacer.training_state import clear_state
 
 if TYPE_CHECKING:
-    from replacer.run import RunProgress
+    from replacer.progress import Progress
 
 
 def budget_name(budget: float) -> str:
@@ -43,7 +43,7 @@ def budget_family(models: list[str]) -> list[str]:
 
 def prune_budgets(
     student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, tune: TuneSpec,
-    folder: Path, students: Path, progress: "RunProgress", log: Callable[[dict], None], world: World = SINGLE,
+    folder: Path, students: Path, progress: "Progress", log: Callable[[dict], None], world: World = SINGLE,
     measure: Measure | None = None,
 ) -> dict[str, dict]:
     """Prune `student` (modified in place) to every budget; returns per budget what was cut and how long it took.
@@ -66,7 +66,7 @@ def prune_budgets(
         name = budget_name(budget)
         saved = students / name
         if (saved / "manifest.json").is_file():  # finished before an interruption
-            student = replacer.load(saved, base=base)
+            student = load(saved, base=base)
             results[name] = {"budget": budget, "mixer_params": mixer_parameters(student), "mixer_params_tuned": tuned_params}
             continue
         start = time.time()
@@ -89,7 +89,7 @@ def prune_budgets(
             with progress.task(f"prune: recover {name}", spec.recovery_steps) as advance:
                 tune_end_to_end(student, teacher, task, plan, recovery, state, advance, log, world, record={"stage": name})
         if world.is_main:
-            replacer.save(student, saved)
+            save(student, saved)
             clear_state(state)
         world.barrier()
         results[name] = {
@@ -119,12 +119,12 @@ def _fit_on_main(
 
 def _hoyer_regularised(
     student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, recovery: TuneSpec,
-    folder: Path, students: Path, progress: "RunProgress", log: Callable[[dict], None], world: World,
+    folder: Path, students: Path, progress: "Progress", log: Callable[[dict], None], world: World,
 ) -> nn.Module:
     """The tuned student trained on with FAR's Hoyer-square group penalty, so group norms separate."""
     saved = students / "hoyer"
     if (saved / "manifest.json").is_file():
-        return replacer.load(saved, base=base)
+        return load(saved, base=base)
     index = GroupIndex.of(student)
     state = folder / "hoyer.state"
     steps = recovery.model_copy(update={"steps": spec.hoyer_steps})
@@ -132,7 +132,7 @@ def _hoyer_regularised(
         tune_end_to_end(student, teacher, task, plan, steps, state, advance, log, world,
                         penalty=lambda: spec.hoyer_weight * hoyer_square(index), record={"stage": "hoyer"})
     if world.is_main:
-        replacer.save(student, saved)
+        save(student, saved)
         clear_state(state)
     world.barrier()
     return student
