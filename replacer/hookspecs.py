@@ -53,3 +53,9 @@ def replacer_load_model(source: str, pretrained: bool, kwargs: dict) -> Any:
 @hookspec(firstresult=True)
 def replacer_load_tokenizer(source: str) -> Any:
     """If this plugin's family understands the source string, return its tokenizer (text models)."""
+
+
+@hookspec(firstresult=True)
+def replacer_cache_footprint(model: Any, batch: dict) -> dict | None:
+    """If this plugin's family owns `model` (a decoder), run it on `batch` with its incremental-decoding cache
+    and return the bytes the cache holds by kind (`{"kv": ..., "mixer_state": ...}`), else None."""

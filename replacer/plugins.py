@@ -105,7 +105,8 @@ class Registry:
         for adapter in adapters:
             self._adapters.append(adapter)
             info.provides.append(f"adapter:{adapter.name}")
-        for hook in ("replacer_load_model", "replacer_load_tokenizer", "replacer_describe_model", "replacer_build_model"):
+        for hook in ("replacer_load_model", "replacer_load_tokenizer", "replacer_describe_model", "replacer_build_model",
+                     "replacer_cache_footprint"):
             if _implements(self.manager, plugin, hook):
                 info.provides.append(hook.removeprefix("replacer_").replace("_", "-"))
         info.problems += _unknown_hooks(self.manager, plugin)
@@ -188,6 +189,9 @@ class Registry:
 
     def build_model(self, origin: dict) -> Any:
         return self.manager.hook.replacer_build_model(origin=origin)
+
+    def cache_footprint(self, model: Any, batch: dict) -> dict | None:
+        return self.manager.hook.replacer_cache_footprint(model=model, batch=batch)
 
 
 def _implements(manager: pluggy.PluginManager, plugin: Any, hook: str) -> bool:

@@ -162,12 +162,11 @@ class CausalLMTask(Task):
         return {"logits": model(**batch, use_cache=False).logits}
 
     @torch.no_grad()
-    def cache_footprint(self, model: nn.Module, batch: Batch) -> dict[str, int]:
-        from replacer_transformers.cache import cache_bytes
+    def cache_footprint(self, model: nn.Module, batch: Batch) -> dict[str, int] | None:
+        """The model family's plugin reads its own cache (`replacer_cache_footprint`); None if none does."""
+        from replacer.plugins import get_registry
 
-        out = model(**batch, use_cache=True)
-        cache = out.get("cache", out.get("past_key_values"))  # renamed to `cache` in transformers 5.2x
-        return cache_bytes(cache)
+        return get_registry().cache_footprint(model, batch)
 
     def distill_loss(self, student: dict, teacher: dict, batch: Batch, temperature: float) -> torch.Tensor:
         return _masked_mean(_kl(student["logits"], teacher["logits"], temperature), batch["attention_mask"].bool())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from replacer.hookspecs import hookimpl
 from replacer_transformers.adapters import GPT2AttentionAdapter, HFProjectedAttentionAdapter, HFSelfAttentionAdapter
+from replacer_transformers.cache import cache_footprint
 from replacer_transformers.loading import build_model, describe_model, load_model, load_tokenizer
 from replacer_transformers.structural import HFStructuralAdapter
 
@@ -32,3 +33,8 @@ def replacer_describe_model(model):
 @hookimpl
 def replacer_build_model(origin: dict):
     return build_model(origin)
+
+
+@hookimpl
+def replacer_cache_footprint(model, batch: dict):
+    return cache_footprint(model, batch)

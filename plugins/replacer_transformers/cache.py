@@ -137,3 +137,14 @@ def cache_from_call(call: dict) -> Cache | None:
         if found is not None:
             return found
     return None
+
+
+def cache_footprint(model: torch.nn.Module, batch: dict) -> dict[str, int] | None:
+    """Bytes a transformers decoder's cache holds after reading `batch` (None for other models)."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return None
+    out = model(**batch, use_cache=True)
+    cache = out.get("cache", out.get("past_key_values"))  # renamed to `cache` in transformers 5.2x
+    return None if cache is None else cache_bytes(cache)
