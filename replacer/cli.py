@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from replacer.defaults import DEFAULT_MIXER
 from replacer.errors import ReplacerError, summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -130,7 +131,7 @@ def _parse_option(text: str) -> tuple[str, object]:
 def replace(
     model: str = typer.Argument(..., help="model source, as for `replacer scan`"),
     out: Path = typer.Option(..., "--out", "-o", help="directory to save the replaced model into"),
-    plugin: str = typer.Option("lstm", help="mixer plugin (see `replacer plugins`)"),
+    plugin: str = typer.Option(DEFAULT_MIXER, help="mixer plugin (see `replacer plugins`)"),
     site: Optional[list[str]] = typer.Option(None, "--site", help="site index, name or glob; repeatable (default: all)"),
     option: Optional[list[str]] = typer.Option(None, "--option", help="plugin option KEY=VALUE; repeatable"),
     pretrained: bool = typer.Option(True, help="start from pretrained weights"),
@@ -198,9 +199,11 @@ def run(
         raise typer.Exit(code=130)
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
-    folder = loaded.directory
-    console.print((folder / "report.md").read_text(), markup=False, highlight=False)
-    console.print(f"report: {folder / 'report.md'} (all figures in {folder / 'report.json'})")
+    from replacer.run_dir import RunLayout
+
+    layout = RunLayout(loaded.directory)
+    console.print(layout.report_md.read_text(), markup=False, highlight=False)
+    console.print(f"report: {layout.report_md} (all figures in {layout.report_json})")
 
 
 @app.command()

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from replacer.defaults import DEFAULT_MIXER
 from replacer.errors import ReplacerError, summary
 
 
@@ -93,7 +94,7 @@ class TeacherSpec(Strict):
 
 
 class MixerChoice(Strict):
-    plugin: str = Field("lstm", description="a mixer plugin from `replacer plugins`")
+    plugin: str = Field(DEFAULT_MIXER, description="a mixer plugin from `replacer plugins`")
     options: dict[str, Any] = Field(default_factory=dict, description="the plugin's options (validated by it)")
 
 

@@ -9,6 +9,7 @@ from typing import Iterable
 from pydantic import BaseModel
 from torch import nn
 
+from replacer.defaults import DEFAULT_MIXER
 from replacer.errors import ReplacerError, SiteSelectionError, summary
 from replacer.graph.adapter import Adapter, ReplacedAttention, Unsupported
 from replacer.graph.scan import ScanResult, scan
@@ -103,7 +104,7 @@ def _match(sites: list[Site], selector: SiteSelector) -> list[Site]:
 
 def replace(
     model: nn.Module,
-    plugin: str = "lstm",
+    plugin: str = DEFAULT_MIXER,
     sites: Iterable[SiteSelector] | None = None,
     options: BaseModel | dict | None = None,
     inplace: bool = False,

@@ -10,6 +10,7 @@ from typing import Any
 from replacer.files import write_text_atomically
 from replacer.pruning.stage import budget_family
 from replacer.recipe import Recipe
+from replacer.run_dir import RunLayout
 from replacer.tasks import Task
 
 
@@ -29,7 +30,7 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_report(folder: Path, recipe: Recipe, task: Task, state: dict, metrics: dict) -> dict[str, Any]:
+def write_report(layout: RunLayout, recipe: Recipe, task: Task, state: dict, metrics: dict) -> dict[str, Any]:
     report = {
         "recipe": recipe.name,
         "model": recipe.model.source,
@@ -40,8 +41,8 @@ def write_report(folder: Path, recipe: Recipe, task: Task, state: dict, metrics:
         "stages": state["stages"],
         **metrics,
     }
-    write_text_atomically(folder / "report.json", json.dumps(report, indent=2))
-    write_text_atomically(folder / "report.md", render_markdown(report))
+    write_text_atomically(layout.report_json, json.dumps(report, indent=2))
+    write_text_atomically(layout.report_md, render_markdown(report))
     return report
 
 

@@ -46,7 +46,6 @@ from replacer.tasks import Batch, Task, resolve_task
 from replacer.teacher import obtain_teacher
 from replacer.training_state import clear_state
 
-EVALUATION = "evaluation.json"
 STAGES = ("teacher", "analyze", "sparsify", "distill", "tune", "prune", "evaluate", "export")
 
 
@@ -108,7 +107,7 @@ def _run_stages(
 ) -> dict[str, Any] | None:
     held_out = load_examples(recipe.data.eval, recipe.seed + 1)
     progress = for_console(console)
-    stage_dir = run.path / "students"
+    layout = run.layout
     with progress, contextlib.ExitStack() as stack:
         if recipe.teacher.train:
             start = time.time()
@@ -121,9 +120,9 @@ def _run_stages(
         if needs_analysis(recipe):
             start = time.time()
             with progress.task(f"analyze: {recipe.analyze.analyzer}", 1) as advance, world.main_first():
-                statistics = analyze_teacher(teacher, task, plan, recipe.analyze, run.path / "analysis")
+                statistics = analyze_teacher(teacher, task, plan, recipe.analyze, layout.analysis)
                 if recipe.evaluate.figures and world.is_main:
-                    analysis.plot_head_heatmaps(statistics, run.path / "figures" / "teacher_attention.png")
+                    analysis.plot_head_heatmaps(statistics, layout.figures / "teacher_attention.png")
                 advance()
             if not run.done("analyze"):
                 run.finish("analyze", time.time() - start)
@@ -131,7 +130,7 @@ def _run_stages(
         if recipe.sparsify.enabled:
             start = time.time()
             teacher, base = sparsified_teacher(
-                dense, task, plan, recipe.sparsify, recipe.tune, run.path / "sparse_teacher", progress, run.log, stack, world
+                dense, task, plan, recipe.sparsify, recipe.tune, layout.sparse_teacher, progress, run.log, stack, world
             )
             if not run.done("sparsify"):
                 run.finish("sparsify", time.time() - start)
@@ -140,34 +139,34 @@ def _run_stages(
         if recipe.distill.enabled and not run.done("distill"):
             start = time.time()
             losses = distill_blockwise(
-                student, teacher, task, plan, recipe.distill, run.path / "distill", recipe.seed, progress, run.log, world
+                student, teacher, task, plan, recipe.distill, layout.distill, recipe.seed, progress, run.log, world
             )
             if world.is_main:
-                replacer.save(student, stage_dir / "distilled")
+                replacer.save(student, layout.distilled)
             run.finish("distill", time.time() - start, final_loss=losses)
             world.barrier()
         if recipe.tune.enabled and not run.done("tune"):
-            student = _resume_from(student, base, stage_dir / "distilled")
+            student = _resume_from(student, base, layout.distilled)
             start = time.time()
-            state = run.path / "tune" / "state"
+            state = layout.tune_state
             state.parent.mkdir(exist_ok=True)
             with progress.task("tune: end-to-end", recipe.tune.steps) as advance:
                 loss = tune_end_to_end(student, teacher, task, plan, recipe.tune, state, advance, run.log, world)
             if world.is_main:
-                replacer.save(student, stage_dir / "tuned")
+                replacer.save(student, layout.tuned)
                 clear_state(state)
             run.finish("tune", time.time() - start, final_loss=loss)
-        student = _resume_from(student, base, stage_dir / "tuned", stage_dir / "distilled")
+        student = _resume_from(student, base, layout.tuned, layout.distilled)
         if recipe.prune.enabled and not run.done("prune"):
             start = time.time()
             budgets = prune_budgets(
-                copy.deepcopy(student), teacher, base, task, plan, recipe.prune, recipe.tune, run.path / "prune",
-                stage_dir, progress, run.log, world, _latency_measure(recipe, task, held_out),
+                copy.deepcopy(student), teacher, base, task, plan, recipe.prune, recipe.tune, layout.prune,
+                layout.students, progress, run.log, world, _latency_measure(recipe, task, held_out),
             )
             run.finish("prune", time.time() - start, budgets=budgets)
         if not world.is_main:
             return None
-        if not run.done("evaluate") or _read_evaluation(run.path) is None:
+        if not run.done("evaluate") or _read_evaluation(layout.evaluation) is None:
             start = time.time()
             eval_plan = BatchPlan(held_out, recipe.data.batch_size, task.collate, shuffle=False, lengths=_lengths(held_out))
             batches = [eval_plan.batch(k) for k in range(len(eval_plan))]
@@ -175,7 +174,7 @@ def _run_stages(
             if recipe.prune.enabled:
                 for budget in sorted(recipe.prune.budgets, reverse=True):
                     name = budget_name(budget)
-                    models[name] = replacer.load(stage_dir / name, base=base)
+                    models[name] = replacer.load(layout.students / name, base=base)
             if recipe.evaluate.baseline:
                 models["undistilled"] = _student(recipe, base, sites)
             with progress.task("evaluate", 1) as advance:
@@ -188,29 +187,29 @@ def _run_stages(
             if recipe.sparsify.enabled:  # what sparsifying cost the teacher itself
                 metrics["sparse_teacher"] = task.compare(outputs(task, dense, batches), outputs(task, teacher, batches), batches)
             if recipe.evaluate.figures:
-                figures = write_figures(run.path / "figures", metrics, dense, student, task, batches[0], run.path / "metrics.jsonl")
+                figures = write_figures(layout.figures, metrics, dense, student, task, batches[0], layout.metrics)
                 metrics["figures"] = [str(f.relative_to(run.path)) for f in figures]
-            write_text_atomically(run.path / EVALUATION, json.dumps(metrics, indent=2))
+            write_text_atomically(layout.evaluation, json.dumps(metrics, indent=2))
             run.finish("evaluate", time.time() - start)
         if recipe.export.enabled and not run.done("export"):
             start = time.time()
-            replacer.save(student, run.path / "model")
+            replacer.save(student, layout.model)
             run.finish("export", time.time() - start)
-    metrics = _read_evaluation(run.path)
+    metrics = _read_evaluation(layout.evaluation)
     if statistics is not None:
         metrics["teacher_attention"] = statistics
-        if (run.path / "figures" / "teacher_attention.png").is_file():
+        if (layout.figures / "teacher_attention.png").is_file():
             metrics.setdefault("figures", []).insert(0, "figures/teacher_attention.png")
     replaced = replacer.scan(student).replaced
     metrics["replaced_sites"] = [s.name for s in replaced]
     metrics["replaced_heads"] = {s.name: (sites.heads or {}).get(s.name, list(range(s.num_heads))) for s in replaced}
-    return write_report(run.path, recipe, task, run.state, metrics)
+    return write_report(layout, recipe, task, run.state, metrics)
 
 
-def _read_evaluation(folder: Path) -> dict[str, Any] | None:
+def _read_evaluation(path: Path) -> dict[str, Any] | None:
     """The evaluate stage's figures; None when they are missing or damaged, so the stage runs again."""
     try:
-        metrics = json.loads((folder / EVALUATION).read_text())
+        metrics = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return metrics if isinstance(metrics, dict) and "fidelity" in metrics else None

@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,80 @@ METRICS = "metrics.jsonl"
 RESOLVED_RECIPE = "recipe.yaml"
 BOOKKEEPING = frozenset({MARKER, LOCK, STATE, METRICS, RESOLVED_RECIPE})
 """Files that say how a run stands but hold none of its work: a folder of only these has nothing to lose."""
+
+
+PRUNED_PREFIX = "pruned-"
+"""Students pruned to a budget are saved as `students/pruned-<percent>`."""
+HOYER = "hoyer"
+"""The Hoyer-regularised student the budgets are cut from: `students/hoyer`."""
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """Every path in a run directory, named once: stages, the report and the bookkeeping ask it for theirs."""
+
+    root: Path
+
+    @property
+    def analysis(self) -> Path:
+        return self.root / "analysis"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def sparse_teacher(self) -> Path:
+        return self.root / "sparse_teacher"
+
+    @property
+    def distill(self) -> Path:
+        return self.root / "distill"
+
+    @property
+    def tune_state(self) -> Path:
+        return self.root / "tune" / "state"
+
+    @property
+    def prune(self) -> Path:
+        return self.root / "prune"
+
+    @property
+    def students(self) -> Path:
+        return self.root / "students"
+
+    @property
+    def distilled(self) -> Path:
+        return self.students / "distilled"
+
+    @property
+    def tuned(self) -> Path:
+        return self.students / "tuned"
+
+    def pruning_outputs(self) -> list[Path]:
+        """What the prune stage writes: redone whole when its section changes."""
+        return [self.prune, *self.students.glob(f"{PRUNED_PREFIX}*"), self.students / HOYER]
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation.json"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS
+
 
 
 def _is_legacy_run(path: Path) -> bool:
@@ -113,6 +188,7 @@ class RunDir:
 
     def __init__(self, recipe: Recipe, restart: bool, world: World = SINGLE, recipe_file: Path | None = None) -> None:
         self.path, self.world = recipe.directory, world
+        self.layout = RunLayout(self.path)
         self.lock: RunLock | None = None
         if world.is_main:
             claim(self.path, recipe_file)
@@ -197,7 +273,7 @@ class RunDir:
             for stage in LATER[LATER.index(changed[0]):]:
                 self.state["stages"].pop(stage, None)
             if changed[0] == "prune" and self.world.is_main:
-                for old in [self.path / "prune", *self.path.glob("students/pruned-*"), self.path / "students" / "hoyer"]:
+                for old in self.layout.pruning_outputs():
                     shutil.rmtree(old, ignore_errors=True)
         self.state["sections"] = sections
 

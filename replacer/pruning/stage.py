@@ -24,6 +24,7 @@ from replacer.errors import ReplacerError
 from replacer.pruning import GroupIndex, cut, hoyer_square, importance_scores, mixer_parameters
 from replacer.pruning.latency import Measure, fit_latency
 from replacer.recipe import PruneSpec, TuneSpec
+from replacer.run_dir import HOYER, PRUNED_PREFIX
 from replacer.tasks import Task
 from replacer.training_state import clear_state
 
@@ -32,12 +33,12 @@ if TYPE_CHECKING:
 
 
 def budget_name(budget: float) -> str:
-    return f"pruned-{budget * 100:g}"
+    return f"{PRUNED_PREFIX}{budget * 100:g}"
 
 
 def budget_family(models: list[str]) -> list[str]:
     """The tuned student ("distilled") and the students pruned from it, in report order; empty when none was pruned."""
-    family = [m for m in models if m == "distilled" or m.startswith("pruned-")]
+    family = [m for m in models if m == "distilled" or m.startswith(PRUNED_PREFIX)]
     return family if len(family) > 1 else []
 
 
@@ -122,7 +123,7 @@ def _hoyer_regularised(
     folder: Path, students: Path, progress: "Progress", log: Callable[[dict], None], world: World,
 ) -> nn.Module:
     """The tuned student trained on with FAR's Hoyer-square group penalty, so group norms separate."""
-    saved = students / "hoyer"
+    saved = students / HOYER
     if (saved / "manifest.json").is_file():
         return load(saved, base=base)
     index = GroupIndex.of(student)
