@@ -37,6 +37,7 @@ from replacer.data import (
     wordnet_sentences,
 )
 from replacer.errors import ReplacerError
+from helpers import write_idx
 
 REAL_WORDNET = Path("/usr/share/wordnet/data.noun").is_file()
 REAL_FORTUNES = Path("/usr/share/games/fortunes/fortunes").is_file()
@@ -321,19 +322,6 @@ def test_split_texts_errors():
 
 
 # --- IDX --------------------------------------------------------------------------------------------
-
-IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
-             np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
-
-
-def write_idx(path: Path, array: np.ndarray, dtype: str, compress: bool = False) -> Path:
-    """Our own IDX writer: two zero bytes, dtype code, ndim, big-endian dims, big-endian data."""
-    data = array.astype(dtype)
-    header = bytes([0, 0, IDX_CODES[data.dtype], data.ndim]) + struct.pack(f">{data.ndim}I", *data.shape)
-    payload = header + data.tobytes()
-    path.write_bytes(gzip.compress(payload) if compress else payload)
-    return path
-
 
 @pytest.mark.parametrize("dtype", ["u1", "i1", ">i2", ">i4", ">f4", ">f8"])
 @pytest.mark.parametrize("compress", [False, True])

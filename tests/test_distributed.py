@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from replacer.batches import BatchPlan
 from replacer.distributed import SINGLE, World
-from test_data import write_idx
+from helpers import write_idx
 
 SITES = ["blocks.0.attn", "blocks.1.attn"]
 

@@ -157,7 +157,7 @@ def test_the_kit_catches_a_group_that_forgets_a_slice(monkeypatch):
 
 
 def test_a_recipe_prunes_to_every_budget_and_reports_them(tmp_path):
-    from test_run import tiny_text_recipe
+    from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
     from replacer.run import run_recipe
@@ -187,7 +187,7 @@ def test_a_recipe_prunes_to_every_budget_and_reports_them(tmp_path):
 
 
 def test_the_hoyer_importance_trains_with_the_penalty_before_cutting(tmp_path):
-    from test_run import tiny_text_recipe
+    from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
     from replacer.run import run_recipe
@@ -222,7 +222,7 @@ def test_uniform_pruning_keeps_every_head_equally_wide(plugin):
 
 
 def test_an_interrupted_prune_stage_resumes_from_its_finished_budgets(tmp_path):
-    from test_run import tiny_text_recipe
+    from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
     from replacer.run import run_recipe
@@ -282,12 +282,13 @@ def test_an_unreachable_latency_budget_fails_and_leaves_the_model_whole():
 
 
 def test_a_recipe_prunes_to_latency_budgets_and_reports_the_timings(tmp_path, monkeypatch):
-    from test_run import tiny_text_recipe
+    from helpers import tiny_text_recipe
 
     import replacer.run as run_module
+    import replacer.stages as stages
     from replacer.recipe import load_recipe
 
-    monkeypatch.setattr(run_module, "_latency_measure", lambda *_: params_clock(0.5))
+    monkeypatch.setattr(stages, "latency_measure", lambda *_: params_clock(0.5))
     path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
     recipe = load_recipe(path, ["prune.enabled=true", "prune.target=latency", "prune.budgets=[0.9,0.7]",
                                 "prune.recovery_steps=1", "evaluate.figures=false", "evaluate.baseline=false"])
@@ -304,12 +305,13 @@ def test_a_recipe_prunes_to_latency_budgets_and_reports_the_timings(tmp_path, mo
 
 
 def test_an_unreachable_latency_budget_stops_the_stage_and_keeps_the_budgets_before_it(tmp_path, monkeypatch):
-    from test_run import tiny_text_recipe
+    from helpers import tiny_text_recipe
 
     import replacer.run as run_module
+    import replacer.stages as stages
     from replacer.recipe import load_recipe
 
-    monkeypatch.setattr(run_module, "_latency_measure", lambda *_: params_clock(0.5))
+    monkeypatch.setattr(stages, "latency_measure", lambda *_: params_clock(0.5))
     path = tiny_text_recipe(tmp_path, distill_steps=2, tune_steps=1)
     recipe = load_recipe(path, ["prune.enabled=true", "prune.target=latency", "prune.budgets=[0.9,0.2]",
                                 "prune.recovery_steps=1", "evaluate.figures=false", "evaluate.baseline=false"])

@@ -108,7 +108,7 @@ def test_validate_and_run_report_what_the_model_and_data_cannot_satisfy_before_a
     import replacer.run
 
     started = []
-    monkeypatch.setattr(replacer.run, "_run_stages", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(replacer.run, "run_stages", lambda *a, **k: started.append(1))
     runner = CliRunner()
     path = write(tmp_path, MINIMAL + f"run_dir: {tmp_path / 'run'}\n")
     for command in ("validate", "run"):

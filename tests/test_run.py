@@ -21,36 +21,9 @@ from typer.testing import CliRunner
 from replacer.cli import app
 from replacer.recipe import load_recipe
 from replacer.run import run_recipe
+from helpers import tiny_text_recipe
 
 ROOT = Path(__file__).parent.parent
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
-
-
-def _texts(path: Path, n: int, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    path.write_text("\n".join(" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(n)))
-    return path
-
-
-def tiny_text_recipe(tmp_path: Path, distill_steps: int = 30, tune_steps: int = 10, checkpoint_every: int = 10) -> Path:
-    train, held_out = _texts(tmp_path / "train.txt", 200, 0), _texts(tmp_path / "eval.txt", 40, 1)
-    path = tmp_path / "tiny.yaml"
-    path.write_text(f"""
-name: tiny
-run_dir: {tmp_path / 'run'}
-model: {{source: "conftest:tiny_text_bert", tokenizer: minilm, task: embedding}}
-data:
-  train: [{{kind: text, source: "file:{train}", max_length: 16}}]
-  eval: [{{kind: text, source: "file:{held_out}", max_length: 16}}]
-  batch_size: 8
-mixer: {{plugin: lstm, options: {{hidden_per_head: 8}}}}
-distill: {{steps: {distill_steps}, lr: 0.01, calibration_batches: 8, checkpoint_every: {checkpoint_every}}}
-tune: {{steps: {tune_steps}, lr: 0.003, checkpoint_every: 5}}
-evaluate: {{latency_repeats: 2}}
-""")
-    return path
-
-
 def test_tiny_run_produces_every_output(tmp_path):
     recipe = load_recipe(tiny_text_recipe(tmp_path))
     report = run_recipe(recipe)

@@ -51,7 +51,7 @@ def test_each_query_keeps_at_most_k_keys():
 def test_a_recipe_distills_from_a_sparsified_teacher(tmp_path):
     import json
 
-    from test_run import tiny_text_recipe
+    from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
     from replacer.run import run_recipe

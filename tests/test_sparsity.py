@@ -166,7 +166,7 @@ def test_site_policies_select_what_they_claim():
 def test_a_recipe_with_the_sparsest_policy_analyses_then_replaces_that_layer(tmp_path):
     import json
 
-    from test_run import tiny_text_recipe
+    from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
     from replacer.run import run_recipe
@@ -187,7 +187,7 @@ def test_the_analyze_command_prints_a_table_and_writes_files(tmp_path):
     from typer.testing import CliRunner
 
     from replacer.cli import app
-    from test_run import tiny_text_recipe
+    from helpers import tiny_text_recipe
 
     path = tiny_text_recipe(tmp_path)
     result = CliRunner().invoke(app, ["analyze", str(path), "--set", "analyze.batches=2", "--out", str(tmp_path / "a")])

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import replacer
 from conftest import tiny_bert, tiny_deit
 from replacer.cli import app
-from test_run import tiny_text_recipe
+from helpers import tiny_text_recipe
 
 runner = CliRunner()
 

@@ -1,0 +1,49 @@
+"""Helpers several test modules share: a tiny text recipe, random word texts, an IDX writer."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
+
+
+def _texts(path: Path, n: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.write_text("\n".join(" ".join(rng.choice(WORDS, size=rng.integers(3, 12))) for _ in range(n)))
+    return path
+
+
+def tiny_text_recipe(tmp_path: Path, distill_steps: int = 30, tune_steps: int = 10, checkpoint_every: int = 10) -> Path:
+    train, held_out = _texts(tmp_path / "train.txt", 200, 0), _texts(tmp_path / "eval.txt", 40, 1)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(f"""
+name: tiny
+run_dir: {tmp_path / 'run'}
+model: {{source: "conftest:tiny_text_bert", tokenizer: minilm, task: embedding}}
+data:
+  train: [{{kind: text, source: "file:{train}", max_length: 16}}]
+  eval: [{{kind: text, source: "file:{held_out}", max_length: 16}}]
+  batch_size: 8
+mixer: {{plugin: lstm, options: {{hidden_per_head: 8}}}}
+distill: {{steps: {distill_steps}, lr: 0.01, calibration_batches: 8, checkpoint_every: {checkpoint_every}}}
+tune: {{steps: {tune_steps}, lr: 0.003, checkpoint_every: 5}}
+evaluate: {{latency_repeats: 2}}
+""")
+    return path
+
+
+IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">i4"): 0x0C,
+             np.dtype(">f4"): 0x0D, np.dtype(">f8"): 0x0E}
+
+
+def write_idx(path: Path, array: np.ndarray, dtype: str, compress: bool = False) -> Path:
+    """Our own IDX writer: two zero bytes, dtype code, ndim, big-endian dims, big-endian data."""
+    data = array.astype(dtype)
+    header = bytes([0, 0, IDX_CODES[data.dtype], data.ndim]) + struct.pack(f">{data.ndim}I", *data.shape)
+    payload = header + data.tobytes()
+    path.write_bytes(gzip.compress(payload) if compress else payload)
+    return path
