@@ -129,6 +129,13 @@ class MixerSpec:
         """Validated options, or an OptionsError naming the field, the problem and the accepted fields."""
         if isinstance(raw, self.options_model):
             return raw
+        if raw is not None and not isinstance(raw, (dict, BaseModel)):
+            raise OptionsError(
+                f"plugin '{self.name}' options must be a mapping of option names to values, not {type(raw).__name__} "
+                f"{raw!r}; accepted options: {', '.join(self.options_model.model_fields)}"
+            )
+        if isinstance(raw, BaseModel):
+            raw = raw.model_dump()
         try:
             return self.options_model.model_validate(dict(raw or {}))
         except ValidationError as exc:

@@ -23,6 +23,8 @@ SiteSelector = str | int
 
 def select_sites(found: ScanResult, selectors: Iterable[SiteSelector] | None) -> list[Site]:
     """Sites chosen by layer index, exact name or glob pattern (`*.attn`); None chooses every supported site."""
+    if isinstance(selectors, (str, int)):  # one selector, as PEFT's target_modules takes one name
+        selectors = [selectors]
     if selectors is None:
         if not found.sites:
             reasons = "; ".join(f"{u.name}: {u.reason}" for u in found.unsupported)
@@ -97,6 +99,8 @@ def _glob(name: str, selector: str) -> bool:
 
 
 def _match(sites: list[Site], selector: SiteSelector) -> list[Site]:
+    if isinstance(selector, bool) or not isinstance(selector, (int, str)):
+        raise SiteSelectionError(f"site selector {selector!r} is not a layer index, a name or a glob pattern")
     if isinstance(selector, int):
         return [s for s in sites if s.layer_index == selector]
     return [s for s in sites if _glob(s.name, selector)]

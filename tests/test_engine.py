@@ -163,3 +163,20 @@ def test_scan_of_a_replaced_model_keeps_layer_indices():
     assert [s.layer_index for s in found.sites] == [1]
     with pytest.raises(replacer.SiteSelectionError, match="already replaced"):
         replacer.replace(student, sites=[0])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m: replacer.scan("deit_tiny"), r"works on a torch.nn.Module .* not a str; load the model first"),
+    (lambda m: replacer.replace(None), r"not a NoneType"),
+    (lambda m: replacer.replace(m, sites=[1.5]), r"site selector 1.5 is not a layer index, a name or a glob pattern"),
+    (lambda m: replacer.replace(m, options=5), r"options must be a mapping of option names to values, not int 5"),
+])
+def test_bad_arguments_are_one_line_errors(call, message):
+    with pytest.raises(replacer.ReplacerError, match=message):
+        call(tiny_deit())
+
+
+def test_one_site_selector_need_not_be_a_list():
+    student = replacer.replace(tiny_deit(), sites="blocks.1.attn")
+    assert [type(b.attn).__name__ == "TimmReplacedAttention" for b in student.blocks] == [False, True]
+    assert isinstance(replacer.replace(tiny_deit(), sites=0).blocks[0].attn, ReplacedAttention)

@@ -84,6 +84,11 @@ def scan(model: nn.Module, adapters: list[Adapter] | None = None) -> ScanResult:
 
     Raises NoAttentionError when nothing attention-like is found at all.
     """
+    if not isinstance(model, nn.Module):
+        raise NoAttentionError(
+            f"replacer works on a torch.nn.Module (a timm or transformers model), not a {type(model).__name__}; "
+            "load the model first (replacer.load_model(source) takes a name or path)"
+        )
     if adapters is None:
         from replacer.plugins import get_registry
 
