@@ -8,6 +8,7 @@ to `state.json`. `run_stages` (in `replacer.run`) does the timing and the bookke
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import functools
@@ -106,7 +107,7 @@ class RunContext:
         return self.student
 
 
-class Stage:
+class Stage(abc.ABC):
     """One stage: `run` does its work and returns what `state.json` records beside its time."""
 
     name: str = ""
@@ -123,8 +124,9 @@ class Stage:
     def finished(self, ctx: RunContext) -> bool:
         return ctx.run.done(self.name)
 
+    @abc.abstractmethod
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        raise NotImplementedError
+        """Do the stage's work on `ctx` (updating what it hands on) and return what `state.json` records."""
 
 
 class TeacherStage(Stage):

@@ -31,7 +31,7 @@ class HFSelfAttentionAdapter(HFAdapter):
         )
 
     def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
-        reject_cross_attention(module)
+        reject_cross_attention(name, module)
         return Site(
             name=name, cls=type(module).__name__, adapter=self.name, layer_index=layer_index,
             d_model=module.query.in_features, num_heads=module.num_attention_heads,
@@ -61,7 +61,7 @@ class HFProjectedAttentionAdapter(HFAdapter):
         )
 
     def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
-        reject_cross_attention(module)
+        reject_cross_attention(name, module)
         config = module.config
         heads = getattr(module, "num_heads", None) or getattr(module, "num_attention_heads", None)
         heads = heads or config.num_attention_heads
@@ -96,7 +96,7 @@ class GPT2AttentionAdapter(HFAdapter):
         return from_transformers(module) and type(module).__name__ == "GPT2Attention"
 
     def describe(self, name: str, module: nn.Module, layer_index: int) -> Site:
-        reject_cross_attention(module)
+        reject_cross_attention(name, module)
         return Site(
             name=name, cls="GPT2Attention", adapter=self.name, layer_index=layer_index,
             d_model=module.embed_dim, num_heads=module.num_heads, head_dim=module.head_dim,

@@ -28,8 +28,14 @@ def first_parameter(module: nn.Module) -> str | None:
     return params[0] if params else None
 
 
-def reject_cross_attention(module: nn.Module) -> None:
-    if getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__:
+CROSS_NAMES = ("encoder_attn", "crossattention", "EncDecAttention", "cross_attn", "cross_attention")
+"""Attribute names transformers gives cross-attention modules whose class serves self-attention too (BART, T5)."""
+
+
+def reject_cross_attention(name: str, module: nn.Module) -> None:
+    """Refuse cross-attention, told by the module's flag, its class name or the attribute it sits under."""
+    flagged = getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__
+    if flagged or name.rpartition(".")[2] in CROSS_NAMES:
         raise Unsupported("cross-attention reads a second sequence; a sequence mixer has only one input")
 
 

@@ -27,7 +27,7 @@ from replacer.graph.adapter import ReplacedAttention, Unsupported
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import Mixer
 from replacer_transformers.convention import (
-    HFAdapter, HFReplacedAttention, expand_kv_heads, first_parameter, from_transformers, rope_note,
+    HFAdapter, HFReplacedAttention, expand_kv_heads, first_parameter, from_transformers, reject_cross_attention, rope_note,
 )
 
 SEPARATE = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q", "k", "v"), ("q_lin", "k_lin", "v_lin"),
@@ -36,7 +36,6 @@ FUSED = ("query_key_value", "qkv_proj", "Wqkv", "c_attn", "qkv")
 LATENT = "kv_a_proj_with_mqa"  # multi-head latent attention (DeepSeek-V2/V3): keys and values from a low-rank latent
 OUTPUT = ("o_proj", "out_proj", "dense", "o", "out_lin", "c_proj")
 OUTPUT_DROPOUT = ("resid_dropout",)
-CROSS_NAMES = ("encoder_attn", "crossattention", "EncDecAttention", "cross_attn", "cross_attention")
 _HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
 _HEAD_WIDTHS = ("head_dim", "attention_head_size", "head_size", "key_value_proj_dim")
 
@@ -197,9 +196,7 @@ class HFStructuralAdapter(HFAdapter):
         if family.unsupported:
             raise Unsupported(family.unsupported)
         inputs, out = _layout(module)
-        cross = getattr(module, "is_cross_attention", False) or "CrossAttention" in type(module).__name__
-        if cross or name.rpartition(".")[2] in CROSS_NAMES:
-            raise Unsupported("cross-attention reads a second sequence; a sequence mixer has only one input")
+        reject_cross_attention(name, module)
         config = getattr(module, "config", None)
         heads = _first_int((module, config), _HEAD_COUNTS)
         if heads is None:
