@@ -242,8 +242,15 @@ class TimmReplacedAttention(ReplacedAttention):
         self.output_norm = family.output_norm
 
     def read_call(self, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        call = self.arguments(args, kwargs)
-        x = call.get("x", args[0] if args else None)
+        return self._read(self.arguments(args, kwargs))
+
+    @staticmethod
+    def _input(call: dict) -> torch.Tensor:
+        """The call's token tensor: the first argument (`x` in timm, whatever a class names it)."""
+        return next(iter(call.values()))
+
+    def _read(self, call: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self._input(call)
         if call.get("is_causal") and not self.mixer.causal:
             raise UnsupportedCallError(
                 f"site '{self.site.name}' was called with is_causal=True but its mixer is bidirectional; "
@@ -286,6 +293,5 @@ class TimmReplacedAttention(ReplacedAttention):
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         call = self.arguments(args, kwargs)
-        x = call.get("x", args[0] if args else None)
-        y = self.mix(*self.read_call(args, kwargs))
-        return y if self.layout == "tokens" else self._unflat(y, x)
+        y = self.mix(*self._read(call))
+        return y if self.layout == "tokens" else self._unflat(y, self._input(call))
