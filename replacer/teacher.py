@@ -24,6 +24,7 @@ from replacer.files import write_atomically
 from replacer.recipe import Recipe
 from replacer.tasks import Task
 from replacer.training_state import clear_state
+from replacer.progress import Advance
 
 
 def teacher_folder(recipe: Recipe) -> Path:
@@ -40,7 +41,7 @@ def teacher_folder(recipe: Recipe) -> Path:
 
 
 def obtain_teacher(
-    recipe: Recipe, model: nn.Module, task: Task, plan: BatchPlan, advance: Callable[[], None], log: Callable[[dict], None],
+    recipe: Recipe, model: nn.Module, task: Task, plan: BatchPlan, advance: Advance, log: Callable[[dict], None],
 ) -> tuple[nn.Module, bool]:
     """The trained teacher (from the cache, or trained now and cached); True if it was trained now.
 

@@ -29,6 +29,7 @@ from replacer.distill.loop import train_loop
 from replacer.distributed import SINGLE, World
 from replacer.files import read_or_explain, write_atomically
 from replacer.training_state import clear_state
+from replacer.progress import Advance
 
 if TYPE_CHECKING:
     from replacer.progress import Progress
@@ -39,7 +40,7 @@ Log = Callable[[dict], None]
 
 def capture(
     teacher: nn.Module, task: Task, plan: BatchPlan, wrappers: dict[str, ReplacedAttention], spec: DistillSpec,
-    cache_dir: Path, advance: Callable[[], None], marker: str = "complete",
+    cache_dir: Path, advance: Advance, marker: str = "complete",
 ) -> dict[str, Store]:
     """Run the teacher on calibration batches and keep each site's pairs (bounded in memory).
 
@@ -79,7 +80,7 @@ def capture(
 
 def train_site(
     wrapper: ReplacedAttention, store: Store, spec: DistillSpec, seed: int, state_path: Path,
-    advance: Callable[[], None] = lambda: None, log: Log = lambda _: None,
+    advance: Advance = lambda loss=None: None, log: Log = lambda _: None,
 ) -> float:
     """Train one site's mixer on its pairs; returns the mean loss of the last 10% of steps."""
     params = dict(wrapper.mixer.named_parameters())

@@ -16,6 +16,7 @@ from replacer.distributed import SINGLE, World
 from replacer.errors import ReplacerError
 from replacer.recipe import TuneSpec
 from replacer.tasks import Batch, Task
+from replacer.progress import Advance
 
 
 def trainable_parameters(student: nn.Module, which: str | list[str]) -> dict[str, nn.Parameter]:
@@ -43,7 +44,7 @@ def student_loss(student: nn.Module, teacher: nn.Module, task: Task, batch: Batc
 
 def tune_end_to_end(
     student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: TuneSpec, state_path: Path,
-    advance: Callable[[], None], log: Callable[[dict], None], world: World = SINGLE,
+    advance: Advance, log: Callable[[dict], None], world: World = SINGLE,
     penalty: Callable[[], torch.Tensor] | None = None, record: dict | None = None,
 ) -> float:
     """Train the chosen parameters, resuming from `state_path` (the caller clears it once the result is saved).

@@ -12,6 +12,7 @@ from torch import nn
 from replacer.distributed import SINGLE, World
 from replacer.errors import DivergedError
 from replacer.training_state import load_state, save_state
+from replacer.progress import Advance
 
 
 def lr_at(step: int, total: int, base: float) -> float:
@@ -26,7 +27,7 @@ def lr_at(step: int, total: int, base: float) -> float:
 def train_loop(
     params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, loss_at: Callable[[int], torch.Tensor],
     steps: int, lr: float, checkpoint_every: int, state_path: Path, record: dict,
-    advance: Callable[[], None], log: Callable[[dict], None], world: World = SINGLE,
+    advance: Advance, log: Callable[[dict], None], world: World = SINGLE,
 ) -> float:
     """Run steps [resumed step, steps); returns the mean loss of the last 10% of steps.
 
@@ -52,7 +53,7 @@ def train_loop(
             losses.append(world.mean(loss))
             if world.is_main:
                 log({**record, "step": step + 1, "loss": losses[-1]})
-            advance()
+            advance(losses[-1])
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 for name, p in params.items():
                     _check_finite(p, f"parameter {name}", record, step, meta["step"], checkpoint_every)
