@@ -229,6 +229,43 @@ def analyze(
     console.print(f"per head: {folder / RESULT}; heatmap: {folder / 'teacher_attention.png'}")
 
 
+@app.command()
+@one_line_errors
+def export(
+    source: Path = typer.Argument(..., help="a run directory, or a model saved by replacer (then give --teacher)"),
+    format_: str = typer.Option(..., "--format", "-f", help="export format (see `replacer plugins`), e.g. sentence-transformers"),
+    out: Path = typer.Option(..., "--out", "-o", help="new or empty folder to write into"),
+    teacher: Optional[str] = typer.Option(None, help="the teacher's source (tokenizer, pooling): read from the run's recipe when SOURCE is a run"),
+    max_length: int = typer.Option(256, help="longest input in tokens, where neither the run nor the teacher says"),
+    trust_remote_code: bool = typer.Option(False, help="let a model whose origin is a module:callable run that code to rebuild it"),
+) -> None:
+    """Write a converted model in another format (a folder `SentenceTransformer(OUT, trust_remote_code=True)` loads, ...)."""
+    import replacer
+    from replacer.exporter import ExportContext
+    from replacer.exporting import export_formats, export_into
+    from replacer.run_dir import RESOLVED_RECIPE, RunLayout
+    from replacer.tasks import task_kind
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ReplacerError(f"{out} already exists and is not an empty folder; export into a new one")
+    if (source / RESOLVED_RECIPE).is_file():
+        from replacer.inputs import export_context
+        from replacer.recipe import load_recipe
+
+        recipe = load_recipe(source / RESOLVED_RECIPE)
+        model = replacer.load(RunLayout(source).model, trust_remote_code=trust_remote_code)
+        context = export_context(recipe, model)
+        context = ExportContext(teacher or context.teacher_source, teacher or context.tokenizer_source, context.task, context.max_length)
+    else:
+        if teacher is None:
+            raise ReplacerError(f"{source} is a saved model, not a run: give --teacher SOURCE (its tokenizer and pooling)")
+        model = replacer.load(source, trust_remote_code=trust_remote_code)
+        context = ExportContext(teacher, teacher, task_kind("auto", model, True), max_length)
+    (exporter,) = export_formats([format_], context)
+    written = export_into(exporter, model, out, context)
+    console.print(f"exported {source} as {exporter.name} to {written}")
+
+
 @app.command("recipe-reference")
 @one_line_errors
 def recipe_reference() -> None:

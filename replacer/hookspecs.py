@@ -31,6 +31,11 @@ def replacer_analyzers() -> list:
     """Return `replacer.AnalyzerSpec` records for analyzers that rank sites or heads for replacement."""
 
 
+@hookspec
+def replacer_exporters() -> list:
+    """Return `replacer.Exporter` instances for the formats (beyond replacer's own) this plugin writes."""
+
+
 @hookspec(firstresult=True)
 def replacer_describe_model(model: Any) -> dict | None:
     """If this plugin's family owns `model`, return a JSON-able origin that `replacer_build_model` rebuilds."""

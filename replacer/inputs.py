@@ -16,9 +16,12 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from replacer.errors import ModelSourceError, ReplacerError, SiteSelectionError, summary
+from replacer.exporter import ExportContext
+from replacer.exporting import export_formats
 from replacer.models import load_model
 from replacer.plugins import get_registry
 from replacer.recipe import DataSource, DigitsData, IdxData, ImageFolderData, ModelSpec, Recipe, SitePolicy, TextData
+from replacer.tasks import task_kind
 
 
 class MissingInputError(ReplacerError):
@@ -104,13 +107,16 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def preflight(recipe: Recipe) -> nn.Module:
-    """Load the teacher, check the data folders and the sites the recipe selects against the model's
-    scan; report every problem in one line, before any work (`replacer validate` runs the same)."""
+    """Load the teacher, check the data folders, the sites the recipe selects against the model's scan
+    and the export formats against its task; report every problem in one line, before any work
+    (`replacer validate` runs the same)."""
     problems = _missing_data("train", recipe.data.train) + _missing_data("eval", recipe.data.eval)
     teacher = None
     try:
         teacher = load_teacher(recipe.model)
         check_sites(recipe, teacher)
+        if recipe.export.enabled:
+            export_formats(recipe.export.formats, export_context(recipe, teacher))
     except ReplacerError as exc:
         problems.insert(0, str(exc))
     if problems:
@@ -134,6 +140,21 @@ def check_sites(recipe: Recipe, teacher: nn.Module) -> None:
         select_sites(found, None if chosen == "all" else chosen)
     except SiteSelectionError as exc:
         raise SiteSelectionError(f"sites: {exc}") from None
+
+
+def export_context(recipe: Recipe, teacher: nn.Module) -> ExportContext:
+    """What exporters are told about the run's model: its sources, its task, how long its inputs are."""
+    text = is_text(recipe)
+    return ExportContext(
+        teacher_source=recipe.model.source, tokenizer_source=(recipe.model.tokenizer or recipe.model.source) if text else None,
+        task=task_kind(recipe.model.task, teacher, text), max_length=max_text_length(recipe),
+    )
+
+
+def max_text_length(recipe: Recipe) -> int:
+    """The longest text the recipe's data holds, in tokens (128 where it reads no text)."""
+    lengths = [s.max_length for s in recipe.data.train + recipe.data.eval if isinstance(s, TextData)]
+    return max(lengths, default=128)
 
 
 def load_tokenizer(recipe: Recipe) -> Any:

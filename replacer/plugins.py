@@ -22,6 +22,7 @@ import pluggy
 from replacer import hookspecs
 from replacer.analyzer import AnalyzerSpec
 from replacer.errors import PluginConflictError, UnknownPluginError
+from replacer.exporter import Exporter
 from replacer.graph.adapter import Adapter
 from replacer.mixer import MixerSpec
 
@@ -95,10 +96,11 @@ class Registry:
             mixers = _collect(self.manager, plugin, "replacer_mixers", MixerSpec)
             adapters = _collect(self.manager, plugin, "replacer_adapters", Adapter)
             analyzers = _collect(self.manager, plugin, "replacer_analyzers", AnalyzerSpec)
+            exporters = _collect(self.manager, plugin, "replacer_exporters", Exporter)
         except Exception:
             self.manager.unregister(plugin)
             raise
-        for kind, specs in (("mixer", mixers), ("analyzer", analyzers)):
+        for kind, specs in (("mixer", mixers), ("analyzer", analyzers), ("exporter", exporters)):
             for spec in specs:
                 self._claims.setdefault((kind, spec.name), []).append(_Claim(spec, info))
                 info.provides.append(f"{kind}:{spec.name}")
@@ -177,6 +179,13 @@ class Registry:
 
     def analyzer(self, name: str) -> AnalyzerSpec:
         return self._choose("analyzer", name).item
+
+    def exporter(self, name: str) -> Exporter:
+        return self._choose("exporter", name).item
+
+    @property
+    def exporter_names(self) -> list[str]:
+        return self._names("exporter")
 
     def load_model(self, source: str, pretrained: bool, kwargs: dict | None = None) -> Any:
         return self.manager.hook.replacer_load_model(source=source, pretrained=pretrained, kwargs=dict(kwargs or {}))

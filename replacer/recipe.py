@@ -224,7 +224,13 @@ class EvalSpec(Strict):
 
 
 class ExportSpec(Strict):
-    enabled: bool = Field(True, description="write runs/<name>/model (safetensors + manifest)")
+    enabled: bool = Field(True, description="write the final model into the run directory")
+    formats: list[str] | None = Field(
+        None, min_length=1,
+        description="replacer (runs/<name>/model: safetensors + manifest) and formats plugins provide "
+        "(sentence-transformers: runs/<name>/sentence-transformers); default: replacer plus the task's own "
+        "(sentence-transformers for embedding models, where the package is installed)",
+    )
 
 
 class Recipe(Strict):

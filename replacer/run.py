@@ -26,7 +26,7 @@ from replacer.batches import BatchPlan
 from replacer.components import check_components
 from replacer.distributed import SINGLE, World
 from replacer.graph.scan import scan
-from replacer.inputs import is_text, load_examples, load_tokenizer, preflight
+from replacer.inputs import is_text, load_examples, load_tokenizer, max_text_length, preflight
 from replacer.progress import for_console
 from replacer.recipe import Recipe
 from replacer.report import write_report
@@ -42,7 +42,7 @@ def prepare(recipe: Recipe) -> tuple[nn.Module, Task, BatchPlan]:
     check_components(recipe)
     torch.manual_seed(recipe.seed)
     teacher = preflight(recipe)
-    task = resolve_task(recipe.model.task, teacher, load_tokenizer(recipe), is_text(recipe), _max_length(recipe))
+    task = resolve_task(recipe.model.task, teacher, load_tokenizer(recipe), is_text(recipe), max_text_length(recipe))
     train = load_examples(recipe.data.train, recipe.seed)
     return teacher, task, BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=example_lengths(train))
 
@@ -117,10 +117,3 @@ def _report(ctx: RunContext) -> dict[str, Any]:
     metrics["replaced_sites"] = [s.name for s in replaced]
     metrics["replaced_heads"] = {s.name: heads.get(s.name, list(range(s.num_heads))) for s in replaced}
     return write_report(ctx.layout, ctx.recipe, ctx.task, ctx.run.state, metrics)
-
-
-def _max_length(recipe: Recipe) -> int:
-    from replacer.recipe import TextData
-
-    lengths = [s.max_length for s in recipe.data.train + recipe.data.eval if isinstance(s, TextData)]
-    return max(lengths, default=128)

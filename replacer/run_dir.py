@@ -89,7 +89,12 @@ class RunLayout:
 
     @property
     def model(self) -> Path:
-        return self.root / "model"
+        """The final student in replacer's own format (what `replacer.load` reads)."""
+        return self.exported("model")
+
+    def exported(self, folder: str) -> Path:
+        """Where the export format whose folder is `folder` writes the final student."""
+        return self.root / folder
 
     @property
     def evaluation(self) -> Path:

@@ -28,8 +28,10 @@ from replacer.distill.blockwise import distill_blockwise
 from replacer.distill.end_to_end import tune_end_to_end
 from replacer.distributed import World
 from replacer.evaluate import evaluate, median_latency_ms, outputs, write_figures
+from replacer.exporting import export_formats, export_into
 from replacer.files import write_text_atomically
 from replacer.graph.scan import scan
+from replacer.inputs import export_context
 from replacer.progress import Progress
 from replacer.pruning.latency import Measure
 from replacer.pruning.stage import budget_name, prune_budgets
@@ -283,7 +285,7 @@ class EvaluateStage(Stage):
 
 
 class ExportStage(Stage):
-    """The final student as safetensors plus manifest."""
+    """The final student in each export format: safetensors plus manifest, and the formats plugins write."""
 
     name, main_only = "export", True
 
@@ -291,8 +293,13 @@ class ExportStage(Stage):
         return ctx.recipe.export.enabled
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        save(ctx.trained_student(), ctx.layout.model)
-        return {}
+        context = export_context(ctx.recipe, ctx.reference)
+        student = ctx.trained_student()
+        written = {}
+        for exporter in export_formats(ctx.recipe.export.formats, context):
+            out = export_into(exporter, student, ctx.layout.exported(exporter.folder), context)
+            written[exporter.name] = str(out.relative_to(ctx.layout.root))
+        return {"formats": written}
 
 
 STAGES: tuple[Stage, ...] = (

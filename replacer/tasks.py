@@ -207,15 +207,22 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature:
     return (t.exp() * (t - s)).sum(-1) * temperature**2
 
 
+def task_kind(kind: str, model: nn.Module, is_text: bool) -> str:
+    """The task a recipe asks for, or the one its model and data imply (`auto`): image data means
+    classification, text with a causal site a causal LM, other text embeddings."""
+    if kind != "auto":
+        return kind
+    if not is_text:
+        return "classification"
+    from replacer.graph.scan import scan
+
+    found = scan(model)
+    return "causal-lm" if any(s.causal for s in (*found.sites, *found.replaced)) else "embedding"
+
+
 def resolve_task(kind: str, model: nn.Module, tokenizer: Any, is_text: bool, max_length: int) -> Task:
     """The task a recipe asks for, or the one its model and data imply (`auto`)."""
-    if kind == "auto":
-        if not is_text:
-            kind = "classification"
-        else:
-            from replacer.graph.scan import scan
-
-            kind = "causal-lm" if any(s.causal for s in scan(model).sites) else "embedding"
+    kind = task_kind(kind, model, is_text)
     if kind == "classification":
         if is_text:
             raise ReplacerError("task 'classification' needs image data (image-folder, idx or digits)")

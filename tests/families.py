@@ -29,6 +29,7 @@ class Family:
     build: Callable[[], torch.nn.Module]
     inputs: Inputs
     expect: str = "supported"
+    rebuild: bool = True  # False: built at sizes timm keeps no record of, so loading needs base= (default sizes rebuild)
 
 
 def _ids(n: int = 9) -> Inputs:
@@ -148,18 +149,18 @@ FAMILIES: list[Family] = [
     Family("Swin", "timm", _timm("swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1), num_heads=(2, 4), embed_dim=32), _image(56)),
     Family("Swin v2", "timm", _timm("swinv2_tiny_window8_256", img_size=64, depths=(1, 1), num_heads=(2, 4), embed_dim=32, window_size=4), _image(64)),
     Family("CaiT", "timm", _timm("cait_xxs24_224", img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=4, depth_token_only=1),
-           _image(32), "partial: class attention"),
-    Family("ConViT", "timm", _timm("convit_tiny", img_size=32, patch_size=8, depth=2, local_up_to_layer=1, embed_dim=32, num_heads=4), _image(32)),
-    Family("PVT v2", "timm", _timm("pvt_v2_b0", depths=(1, 1, 1, 1)), _image(64)),
-    Family("Twins", "timm", _timm("twins_svt_small", depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4)), _image(64)),
-    Family("LeViT", "timm", _timm("levit_128s", img_size=64), _image(64), "partial: downsampling attention"),
-    Family("TNT", "timm", _timm("tnt_s_patch16_224", img_size=32, depth=2), _image(32)),
+           _image(32), "partial: class attention", rebuild=False),
+    Family("ConViT", "timm", _timm("convit_tiny", img_size=32, patch_size=8, depth=2, local_up_to_layer=1, embed_dim=32, num_heads=4), _image(32), rebuild=False),
+    Family("PVT v2", "timm", _timm("pvt_v2_b0", depths=(1, 1, 1, 1)), _image(64), rebuild=False),
+    Family("Twins", "timm", _timm("twins_svt_small", depths=(1, 1, 1, 1), embed_dims=(16, 32, 48, 64), num_heads=(1, 2, 3, 4)), _image(64), rebuild=False),
+    Family("LeViT", "timm", _timm("levit_128s", img_size=64), _image(64), "partial: downsampling attention", rebuild=False),
+    Family("TNT", "timm", _timm("tnt_s_patch16_224", img_size=32, depth=2), _image(32), rebuild=False),
     Family("MobileViT", "timm", _timm("mobilevit_xxs"), _image(64)),
-    Family("MaxViT", "timm", _timm("maxvit_rmlp_pico_rw_256", img_size=64, depths=(1, 1, 1, 1)), _image(64)),
+    Family("MaxViT", "timm", _timm("maxvit_rmlp_pico_rw_256", img_size=64, depths=(1, 1, 1, 1)), _image(64), rebuild=False),
     Family("SAM ViT", "timm", _timm("samvit_base_patch16", img_size=64, depth=2, embed_dim=32, num_heads=4, global_attn_indexes=(1,),
-                                    window_size=2, neck_chans=16), _image(64)),
-    Family("FastViT (attention stages)", "timm", _timm("fastvit_sa12", layers=(1, 1, 1, 1)), _image(64)),
-    Family("DaViT", "timm", _timm("davit_tiny", depths=(1, 1, 1, 1)), _image(64), "partial: channel attention"),
+                                    window_size=2, neck_chans=16), _image(64), rebuild=False),
+    Family("FastViT (attention stages)", "timm", _timm("fastvit_sa12", layers=(1, 1, 1, 1)), _image(64), rebuild=False),
+    Family("DaViT", "timm", _timm("davit_tiny", depths=(1, 1, 1, 1)), _image(64), "partial: channel attention", rebuild=False),
     Family("XCiT", "timm", _timm("xcit_nano_12_p16_224", img_size=32, depth=2), _image(32), "unsupported: channel attention"),
     Family("EdgeNeXt", "timm", _timm("edgenext_xx_small", depths=(1, 1, 1, 1)), _image(64), "unsupported: channel attention"),
     Family("MViT v2", "timm", _timm("mvitv2_tiny"), _image(224), "unsupported: pooling attention"),

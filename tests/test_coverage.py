@@ -64,6 +64,14 @@ def test_family(family: Family, tmp_path):
         torch.testing.assert_close(main_tensor(loaded(*args, **kwargs)), out, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if status(f) != "unsupported"], ids=lambda f: f.name)
+def test_family_passes_the_adapter_kit(family: Family, tmp_path):
+    """Padding, causality flags, mix against forward, reload with and without base= on every family."""
+    from replacer.testing import check_adapter
+
+    check_adapter(family.build, family.inputs, tmp_dir=str(tmp_path), rebuild=family.rebuild)
+
+
 def test_there_are_at_least_thirty_families_with_encoder_decoders_and_decoders():
     assert sum(status(f) != "unsupported" for f in FAMILIES) >= 30
     assert sum(f.expect == "partial: cross-attention" for f in FAMILIES) >= 2

@@ -261,7 +261,7 @@ def test_diverging_loss_stops_with_site_and_step_and_keeps_the_last_checkpoint(t
         return weight.sum() * (float("nan") if step == 6 else 1.0)
 
     with pytest.raises(DivergedError, match=r"site blocks.3.attn: the loss is nan at step 7; the checkpoint at step 6 is kept"):
-        train_loop({"w": weight}, optimizer, loss_at, 10, 0.1, 2, state, {"site": "blocks.3.attn"}, lambda: None, lambda _: None)
+        train_loop({"w": weight}, optimizer, loss_at, 10, 0.1, 2, state, {"site": "blocks.3.attn"}, lambda loss=None: None, lambda _: None)
     again = torch.nn.Parameter(torch.zeros(3))
     meta = load_state(state, {"w": again}, torch.optim.Adam([again], lr=0.1))
     assert meta["step"] == 6 and torch.isfinite(again).all() and not torch.equal(again, torch.zeros(3))

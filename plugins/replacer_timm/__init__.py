@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -42,33 +43,76 @@ def replacer_load_model(source: str, pretrained: bool, kwargs: dict) -> nn.Modul
 def replacer_describe_model(model: nn.Module) -> dict | None:
     """timm models keep no record of their constructor arguments: infer the ones that shape the weights.
 
-    Each guess (the size arguments read from the model, then the class count alone, for architectures
-    whose constructors take no patch or depth arguments) is checked by building it on the meta device
-    (no memory, no time) and comparing every parameter shape; a model no guess reproduces gets no
-    origin, and loading it needs base=.
+    Each guess (`_size_guesses`) is checked by building it on the meta device (no memory, no time)
+    and comparing every parameter shape and the attention geometry (head counts do not show in
+    shapes, yet mixers are built from them); a model no guess reproduces gets no origin, and loading
+    it needs base=.
     """
     cfg = getattr(model, "pretrained_cfg", None)
     if not type(model).__module__.startswith("timm.") or not cfg or not cfg.get("architecture"):
         return None
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    try:
-        sized = _size_arguments(model)
-    except (AttributeError, TypeError):  # an architecture laid out unlike the guess (sam2's HieraDet)
-        sized = {"num_classes": getattr(model, "num_classes", 1000)}
-    for kwargs in (sized, {"num_classes": sized["num_classes"]}):
+    geometry = _attention_geometry(model)
+    for kwargs in _size_guesses(model):
         origin = {"family": "timm", "architecture": cfg["architecture"], "kwargs": kwargs}
         try:
             with torch.device("meta"):
                 rebuilt = replacer_build_model(origin)
         except CheckpointError:
             continue
-        if shapes == {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}:
+        if shapes == {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()} and geometry == _attention_geometry(rebuilt):
             return origin
     return None
 
 
-def _size_arguments(model: nn.Module) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {"num_classes": getattr(model, "num_classes", 1000)}
+def _attention_geometry(model: nn.Module) -> list[tuple[str, int, int, int]]:
+    """Every attention site's heads, head width and key/value heads, as scan reads them."""
+    from replacer.errors import NoAttentionError
+    from replacer.graph.scan import scan
+
+    try:
+        found = scan(model)
+    except NoAttentionError:
+        return []
+    return sorted((s.name, s.num_heads, s.head_dim, s.num_kv_heads) for s in (*found.sites, *found.replaced))
+
+
+def _size_guesses(model: nn.Module) -> list[dict[str, Any]]:
+    """Constructor arguments that may have shaped `model`, most specific first: the arguments it keeps
+    under their own names, the input and patch sizes, and the depth, width and heads of one flat stack
+    of blocks (ViT and its kin) or of stages of blocks (Swin and other hierarchical models); then the
+    class count alone."""
+    classes = {"num_classes": getattr(model, "num_classes", 1000)}
+    known = {**classes, **_kept_arguments(model), **_input_arguments(model)}
+    guesses = []
+    for shape in (_flat_blocks, _staged_blocks):
+        try:
+            sized = shape(model)
+        except (AttributeError, TypeError):  # an architecture laid out unlike the guess (sam2's HieraDet)
+            continue
+        if sized:
+            guesses.append({**known, **sized})
+    return guesses + [known, classes]
+
+
+def _kept_arguments(model: nn.Module) -> dict[str, Any]:
+    """Constructor arguments the model stores as attributes of the same name (numbers, strings, tuples of them)."""
+    try:
+        parameters = inspect.signature(type(model).__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    kept = {}
+    for name in parameters:
+        value = getattr(model, name, None) if name != "self" else None
+        if isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value):
+            value = list(value)
+        if isinstance(value, (bool, int, float, str)) or (isinstance(value, list) and all(isinstance(v, (int, float)) for v in value)):
+            kept[name] = value
+    return kept
+
+
+def _input_arguments(model: nn.Module) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
     patch_embed = getattr(model, "patch_embed", None)
     if patch_embed is not None:
         for attr in ("img_size", "patch_size"):
@@ -77,12 +121,26 @@ def _size_arguments(model: nn.Module) -> dict[str, Any]:
         proj = getattr(patch_embed, "proj", None)
         if isinstance(proj, nn.Conv2d):
             kwargs["in_chans"] = proj.in_channels
-    blocks = getattr(model, "blocks", None)
-    if isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) and hasattr(blocks[0], "attn"):
-        kwargs["depth"] = len(blocks)
-        kwargs["embed_dim"] = model.embed_dim
-        kwargs["num_heads"] = blocks[0].attn.num_heads
     return kwargs
+
+
+def _flat_blocks(model: nn.Module) -> dict[str, Any]:
+    blocks = getattr(model, "blocks", None)
+    if not (isinstance(blocks, (nn.Sequential, nn.ModuleList)) and len(blocks) and hasattr(blocks[0], "attn")):
+        return {}
+    return {"depth": len(blocks), "embed_dim": model.embed_dim, "num_heads": blocks[0].attn.num_heads}
+
+
+def _staged_blocks(model: nn.Module) -> dict[str, Any]:
+    stages = getattr(model, "layers", None) or getattr(model, "stages", None)
+    if not isinstance(stages, (nn.Sequential, nn.ModuleList)) or not all(len(getattr(s, "blocks", ())) for s in stages):
+        return {}
+    if not isinstance(model.embed_dim, int):
+        return {}
+    return {
+        "embed_dim": model.embed_dim, "depths": [len(s.blocks) for s in stages],
+        "num_heads": [s.blocks[0].attn.num_heads for s in stages],
+    }
 
 
 # Constructor arguments that make timm read files or fetch weights: a manifest is data, so it may not set them.
@@ -105,5 +163,5 @@ def replacer_build_model(origin: dict) -> nn.Module | None:
         )
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:
+    except (TypeError, ValueError, RuntimeError, AssertionError) as exc:  # timm's constructors assert on their arguments
         raise CheckpointError(f"timm cannot build {name} from the checkpoint's arguments {kwargs}: {exc}") from None

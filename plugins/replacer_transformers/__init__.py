@@ -6,6 +6,7 @@ from __future__ import annotations
 from replacer.hookspecs import hookimpl
 from replacer_transformers.adapters import GPT2AttentionAdapter, HFProjectedAttentionAdapter, HFSelfAttentionAdapter
 from replacer_transformers.cache import cache_footprint
+from replacer_transformers.exporters import SentenceTransformersExporter
 from replacer_transformers.loading import build_model, describe_model, load_model, load_tokenizer
 from replacer_transformers.structural import HFStructuralAdapter
 
@@ -13,6 +14,11 @@ from replacer_transformers.structural import HFStructuralAdapter
 @hookimpl
 def replacer_adapters() -> list:
     return [HFSelfAttentionAdapter(), HFProjectedAttentionAdapter(), GPT2AttentionAdapter(), HFStructuralAdapter()]
+
+
+@hookimpl
+def replacer_exporters() -> list:
+    return [SentenceTransformersExporter()]
 
 
 @hookimpl

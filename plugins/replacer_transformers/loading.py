@@ -39,7 +39,7 @@ OFFLINE_ALIASES = {
 }
 
 
-def _resolve(source: str) -> tuple[Path | str, dict] | None:
+def resolve(source: str) -> tuple[Path | str, dict] | None:
     """(where, from_pretrained extras) for an offline alias, `hf:ID` or a local model dir; else None."""
     alias = OFFLINE_ALIASES.get(source.lower())
     if alias == "all-MiniLM-L6-v2":
@@ -62,7 +62,7 @@ def _resolve(source: str) -> tuple[Path | str, dict] | None:
 
 def load_model(source: str, pretrained: bool, config_overrides: dict | None = None) -> Any:
     """A model from an offline alias, `hf:ID` or a local dir; `config_overrides` change config fields."""
-    resolved = _resolve(source)
+    resolved = resolve(source)
     if resolved is None:
         return None
     where, extra = resolved
@@ -70,7 +70,7 @@ def load_model(source: str, pretrained: bool, config_overrides: dict | None = No
 
 
 def load_tokenizer(source: str) -> Any:
-    resolved = _resolve(source)
+    resolved = resolve(source)
     if resolved is None:
         return None
     import transformers

@@ -47,12 +47,17 @@ class HFFamily:
     `fused`: how a fused projection's rows are ordered, given the module: `stacked` ([q | k | v]),
     `interleaved` (per head [q, k, v]), `grouped` (per kv head [its q heads..., k, v]) or `unknown`
     (the mixer then starts from its own initialisation). `post_norm` names a norm the module applies to
-    its input plus its output; `residual` a call argument the module adds to its output.
+    its input plus its output; `residual` a call argument the module adds to its output. `causal` says
+    the attention is causal where the module's own flag does not (a shared attention class whose
+    model passes it a causal mask). `mask_true_masks`: the boolean mask the module gets is True where a
+    query may *not* attend (MPT's), the opposite of torch's convention.
     """
 
     fused: Callable[[nn.Module], str] = lambda module: "stacked"
     post_norm: str | None = None
     residual: str | None = None
+    causal: bool | None = None
+    mask_true_masks: bool = False
     note: str = ""
     unsupported: str = ""
 
@@ -74,7 +79,7 @@ FAMILIES: dict[str, HFFamily] = {
     "persimmon": HFFamily(fused=lambda m: "interleaved"),
     "gpt_bigcode": HFFamily(fused=lambda m: "stacked" if getattr(m, "multi_query", False) else "interleaved"),
     "codegen": HFFamily(fused=lambda m: "unknown"),
-    "mpt": HFFamily(note="ALiBi position bias dropped"),
+    "mpt": HFFamily(mask_true_masks=True, note="ALiBi position bias dropped"),
     "t5": HFFamily(note="relative position bias dropped"),
     "mt5": HFFamily(note="relative position bias dropped"),
     "umt5": HFFamily(note="relative position bias dropped"),
@@ -82,6 +87,11 @@ FAMILIES: dict[str, HFFamily] = {
     "deberta-v2": HFFamily(note="disentangled relative position attention dropped"),
     "mpnet": HFFamily(note="relative position bias dropped"),
     "LongformerSelfAttention": HFFamily(unsupported=_SLIDING),
+    # CLIP-style text towers: the vision tower's attention class, given a causal mask by the text model
+    **{t: HFFamily(causal=True) for t in (
+        "clip_text_model", "clipseg_text_model", "groupvit_text_model", "metaclip_2_text_model", "owlvit_text_model",
+        "owlv2_text_model", "xclip_text_model",
+    )},
     "LEDEncoderSelfAttention": HFFamily(unsupported=_SLIDING),
 }
 DEFAULT = HFFamily()
@@ -135,8 +145,10 @@ def _family(module: nn.Module) -> HFFamily:
 
 
 def _is_causal(module: nn.Module, config: Any) -> bool:
-    """The module's own flag where it has one; else the config's; else whether its model type is a
-    causal LM only (Bloom, MPT and Falcon keep no flag on their attention)."""
+    """The family's word where it has one; else the module's own flag; else the config's; else whether
+    its model type is a causal LM only (Bloom, MPT and Falcon keep no flag on their attention)."""
+    if _family(module).causal is not None:
+        return _family(module).causal
     for source, name in ((module, "is_causal"), (module, "is_decoder"), (config, "is_decoder")):
         value = getattr(source, name, None)
         if isinstance(value, bool) and (value or source is module):
@@ -271,7 +283,14 @@ class HFStructuralAttention(HFReplacedAttention):
     def __init__(self, site: Site, mixer: Mixer, original: nn.Module, tail: tuple[str, ...], family: HFFamily, items: int) -> None:
         super().__init__(site, mixer, original, tail + ((family.post_norm,) if family.post_norm else ()))
         self._tail, self.post_norm, self.residual, self.items = tail, family.post_norm, family.residual, items
+        self.mask_true_masks = family.mask_true_masks
         self.mixes_alone = family.residual is None  # Bloom's output includes a residual `mix(x)` cannot see
+
+    def _read(self, call: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mask = call.get("attention_mask")
+        if self.mask_true_masks and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool:
+            call = {**call, "attention_mask": ~mask}
+        return super()._read(call)
 
     def complete(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         y = self.project(y)

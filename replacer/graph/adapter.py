@@ -107,7 +107,8 @@ def padding_from_attention_mask(
 ) -> torch.Tensor | None:
     """A `(batch, query_len)` bool padding mask (True = real token) from whatever mask a layer receives.
 
-    Handles 2-D masks (1 = keep), and 3-D or 4-D boolean or additive masks `(B, [1|H,] Q, K)`: a key is real
+    Handles 2-D masks (1 = keep), and 3-D or 4-D masks `(B, [1|H,] Q, K)` that are boolean, integer
+    (1 = may attend, DeBERTa's) or additive (floating point, very negative = may not): a key is real
     when at least one query may attend to it, which holds for bidirectional and causal masks alike.
     The last `query_len` keys are the current tokens (earlier ones are cached context).
     """
@@ -118,7 +119,10 @@ def padding_from_attention_mask(
     if mask.dim() == 2:
         keep = mask.bool()
     elif mask.dim() == 4:
-        allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        if mask.is_floating_point():
+            allowed = mask > torch.finfo(mask.dtype).min / 2
+        else:
+            allowed = mask.bool()
         keep = allowed.any(dim=-2).all(dim=1)
     else:
         raise ValueError(f"cannot read a padding mask from an attention mask of shape {tuple(mask.shape)}")

@@ -1,17 +1,7 @@
-"""Conformance checks every mixer plugin must pass; the built-in plugins run them in their tests.
+"""Conformance checks every mixer plugin must pass.
 
 Each check builds the mixer through its registered `MixerSpec` on a small synthetic site, so a
-third-party plugin is tested exactly as `replacer.replace` would use it:
-
-    from replacer.testing import check_mixer
-    check_mixer("my-mixer", options={"width": 8})
-
-Adapters are checked on a small model of their family:
-
-    from replacer.testing import check_adapter
-    check_adapter(lambda: MyModel(tiny_config), lambda: ((), {"input_ids": ids}), adapter="my-family")
-
-Every check raises AssertionError with a sentence saying which rule broke. Mixers that declare
+third-party plugin is tested exactly as `replacer.replace` would use it. Mixers that declare
 prunable groups (`Mixer.prunable_groups`) are also checked after pruning.
 """
 
@@ -22,7 +12,6 @@ from typing import Callable
 
 import torch
 from pydantic import BaseModel
-from torch.overrides import TorchFunctionMode
 
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import Mixer, MixerSpec
@@ -159,137 +148,6 @@ def check_pruning(spec: MixerSpec, causal: bool, options: BaseModel | dict | Non
     other.load_state_dict(copy.deepcopy(mixer.state_dict()))
     with torch.no_grad():
         torch.testing.assert_close(other(x), mixer(x), atol=0, rtol=0, msg="a pruned mixer does not reload from its shapes and weights")
-
-
-class AttentionCounter(TorchFunctionMode):
-    """While active, counts attention computations: every `scaled_dot_product_attention` call and every
-    softmax over a square score map (eager attention). `inside_replaced` counts those made while a
-    replaced site runs, which must stay zero: a replaced site computes no attention."""
-
-    _SOFTMAX = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
-
-    def __init__(self, model: torch.nn.Module | None = None) -> None:
-        super().__init__()
-        self.total = self.inside_replaced = self._depth = 0
-        self._model = model
-        self._handles: list = []
-
-    def __enter__(self) -> "AttentionCounter":
-        from replacer.graph.adapter import ReplacedAttention
-
-        for module in self._model.modules() if self._model is not None else ():
-            if isinstance(module, ReplacedAttention):
-                self._handles.append(module.register_forward_pre_hook(lambda *_: self._enter()))
-                self._handles.append(module.register_forward_hook(lambda *_: self._leave()))
-        return super().__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        super().__exit__(*exc)
-
-    def _enter(self) -> None:
-        self._depth += 1
-
-    def _leave(self) -> None:
-        self._depth -= 1
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        scores = args[0] if args else None
-        square = func in self._SOFTMAX and isinstance(scores, torch.Tensor) and scores.dim() >= 2 and scores.shape[-1] == scores.shape[-2] > 1
-        if func is torch.nn.functional.scaled_dot_product_attention or square:
-            self.total += 1
-            self.inside_replaced += self._depth > 0
-        return func(*args, **kwargs)
-
-
-def main_tensor(out: object) -> torch.Tensor:
-    """The main output of a model or a site call: a tensor, the first of a tuple, or logits / last hidden state."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, tuple):
-        return main_tensor(out[0])
-    for key in ("logits", "last_hidden_state"):
-        if getattr(out, key, None) is not None:
-            return getattr(out, key)
-    raise TypeError(f"cannot find the main tensor of a {type(out).__name__}")
-
-
-@torch.no_grad()
-def check_adapter(
-    model: Callable[[], torch.nn.Module], inputs: Callable[[], tuple[tuple, dict]], adapter: str | None = None,
-    plugin: str = "lstm", tmp_dir: str | None = None,
-) -> None:
-    """Adapters: sites measured consistently, the original call convention kept, `mix` (what distillation
-    trains) equal to the installed forward, teacher calls read as `(B, N, d_model)` plus a padding mask,
-    and a replaced model that saves and reloads to the same outputs.
-
-    `model` builds the model (called twice: teacher and reload base), `inputs` returns `(args, kwargs)`
-    for one call; `adapter` limits the checks to one adapter's sites.
-    """
-    import tempfile
-
-    import replacer
-    from replacer.graph.adapter import site_wrappers
-    from replacer.distill.capture import capture_sites
-
-    torch.manual_seed(0)
-    teacher = model().eval()
-    found = replacer.scan(teacher)
-    sites = [s for s in found.sites if adapter is None or s.adapter == adapter]
-    assert sites, f"no site of {found.model_name} is handled by adapter {adapter!r}"
-    adapters = {a.name: a for a in replacer.get_registry().adapters}
-    for site in sites:
-        assert site.num_heads % site.num_kv_heads == 0, f"{site.name}: {site.num_heads} query heads cannot share {site.num_kv_heads} kv heads"
-        value = adapters[site.adapter].value_projection(teacher.get_submodule(site.name), site)
-        if value is not None:
-            assert tuple(value.weight.shape) == (site.out_dim, site.d_model), (
-                f"{site.name}: value projection is {tuple(value.weight.shape)}, expected (heads x head_dim, d_model) = "
-                f"({site.out_dim}, {site.d_model})"
-            )
-    student = replacer.replace(teacher, plugin, sites=[s.name for s in sites]).eval()
-    args, kwargs = inputs()
-    reference = main_tensor(teacher(*args, **kwargs))
-    out = main_tensor(student(*args, **kwargs))
-    assert out.shape == reference.shape, f"the replaced model's output is {tuple(out.shape)}, the original's {tuple(reference.shape)}"
-
-    wrappers = site_wrappers(student)
-    with capture_sites(teacher, wrappers) as records:
-        teacher(*args, **kwargs)
-    for name, pairs in records.items():
-        assert pairs, f"{name}: the teacher's forward never called this site"
-        x, y, keep = pairs[0]
-        d_model = wrappers[name].site.d_model
-        assert x.dim() == 3 and x.shape[-1] == d_model, f"{name}: read_call gave {tuple(x.shape)}, expected (B, N, {d_model})"
-        assert y.shape[:2] == x.shape[:2], f"{name}: the site's output {tuple(y.shape)} does not match its input {tuple(x.shape)}"
-        assert keep is None or (keep.dtype == torch.bool and keep.shape == x.shape[:2]), f"{name}: padding mask must be (B, N) bool"
-
-    calls: dict[str, tuple] = {}
-
-    def record(name: str) -> Callable:
-        def hook(_module: torch.nn.Module, a: tuple, k: dict, o: object) -> None:  # returns None: output unchanged
-            calls.setdefault(name, (a, k, o))
-
-        return hook
-
-    hooks = [w.register_forward_hook(record(n), with_kwargs=True) for n, w in wrappers.items()]
-    try:
-        student(*args, **kwargs)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    for name, (a, k, o) in calls.items():
-        mixed = wrappers[name].mix(*wrappers[name].read_call(a, k))
-        torch.testing.assert_close(mixed, wrappers[name].read_output(o), atol=1e-5, rtol=1e-4,
-                                   msg=lambda m, name=name: f"{name}: mix(read_call(call)) differs from the installed forward: {m}")
-
-    with tempfile.TemporaryDirectory(dir=tmp_dir) as folder:
-        replacer.save(student, folder)
-        torch.manual_seed(1)
-        loaded = replacer.load(folder, base=model())
-    torch.testing.assert_close(main_tensor(loaded(*args, **kwargs)), out, atol=0, rtol=0,
-                               msg="a saved replaced model reloads to different outputs")
 
 
 CHECKS: dict[str, Callable[[Mixer], None]] = {

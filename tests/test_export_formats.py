@@ -1,0 +1,115 @@
+"""Export formats: the sentence-transformers folder a run (or `replacer export`) writes loads in
+`SentenceTransformer` offline and encodes exactly as `replacer.load` plus the embedding task's pooling."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+from typer.testing import CliRunner
+
+import replacer
+from conftest import tiny_text_bert
+from replacer.cli import app
+from replacer.exporter import ExportContext
+from replacer.exporting import export_formats, export_into
+from replacer.tasks import EmbeddingTask
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Attention becomes a recurrence.", "short", "A longer text, " * 8]
+runner = CliRunner()
+
+
+def _embeddings(folder, texts=TEXTS):
+    model = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu", local_files_only=True)
+    return model, model.encode(texts, convert_to_tensor=True)
+
+
+def _reference(saved, texts=TEXTS, max_length=256):
+    task = EmbeddingTask(replacer.get_registry().load_tokenizer("minilm"), max_length)
+    with torch.no_grad():
+        model = replacer.load(saved, trust_remote_code=True)  # the run's teacher is conftest's
+        return task.run(model, task.collate(texts))["embedding"]
+
+
+def test_a_sentence_transformers_export_encodes_as_the_replaced_model(tmp_path):
+    student = replacer.replace(tiny_text_bert(), "lstm", options={"hidden_per_head": 4}).eval()
+    context = ExportContext("conftest:tiny_text_bert", "minilm", "embedding", 256)
+    (exporter,) = export_formats(["sentence-transformers"], context)
+    export_into(exporter, student, tmp_path / "st", context)
+    model, embeddings = _embeddings(tmp_path / "st")
+    assert [type(m).__name__ for m in model] == ["ReplacerEncoder", "Pooling", "Normalize"]  # as the embedding task pools
+    torch.testing.assert_close(embeddings, _reference(tmp_path / "st" / "replacer_model"), atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="trust_remote_code=True"):  # sentence-transformers' own opt-in for a module class
+        SentenceTransformer(str(tmp_path / "st"), device="cpu")
+
+
+def test_unknown_and_unsuitable_formats_are_refused_before_work():
+    context = ExportContext("smollm2", "smollm2", "causal-lm", 64)
+    with pytest.raises(replacer.ReplacerError, match="unknown format 'onnx'; known: replacer, sentence-transformers"):
+        export_formats(["replacer", "onnx"], context)
+    with pytest.raises(replacer.ReplacerError, match="writes embedding models, and this recipe's task is 'causal-lm'"):
+        export_formats(["sentence-transformers"], context)
+    assert [e.name for e in export_formats(None, context)] == ["replacer"]
+    assert [e.name for e in export_formats(None, ExportContext("x", "minilm", "embedding", 64))] == ["replacer", "sentence-transformers"]
+
+
+def test_a_run_writes_both_formats_by_default_and_replacer_export_writes_one(tmp_path):
+    from helpers import tiny_text_recipe
+
+    recipe = tiny_text_recipe(tmp_path, distill_steps=2, tune_steps=2)
+    assert runner.invoke(app, ["run", str(recipe)]).exit_code == 0
+    run = tmp_path / "run"
+    st, embeddings = _embeddings(run / "sentence-transformers")
+    assert st.max_seq_length == 16  # what the run trained on, where the teacher folder does not say
+    torch.testing.assert_close(embeddings, _reference(run / "model", max_length=16), atol=1e-6, rtol=1e-5)
+    state = json.loads((run / "state.json").read_text())
+    assert state["stages"]["export"]["formats"] == {"replacer": "model", "sentence-transformers": "sentence-transformers"}
+
+    result = runner.invoke(app, ["export", str(run), "--format", "sentence-transformers", "--out", str(tmp_path / "again"),
+                                  "--trust-remote-code"])
+    assert result.exit_code == 0, result.output
+    torch.testing.assert_close(_embeddings(tmp_path / "again")[1], embeddings, atol=1e-6, rtol=1e-5)
+    saved = runner.invoke(app, ["export", str(run / "model"), "--format", "sentence-transformers", "--out", str(tmp_path / "from-model"),
+                                "--teacher", "minilm", "--trust-remote-code"])
+    assert saved.exit_code == 0, saved.output
+    # pooling and the longest input as the teacher's sentence-transformers folder declares them
+    from_model, encoded = _embeddings(tmp_path / "from-model")
+    assert from_model.max_seq_length == 256
+    torch.testing.assert_close(encoded, _reference(run / "model"), atol=1e-6, rtol=1e-5)
+
+
+def test_replacer_export_refuses_bad_arguments_in_one_line(tmp_path):
+    student = replacer.replace(tiny_text_bert(), "lstm", options={"hidden_per_head": 4})
+    replacer.save(student, tmp_path / "model")
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("mine")
+    cases = [
+        (["--out", str(tmp_path / "x")], "is a saved model, not a run: give --teacher"),
+        (["--out", str(tmp_path / "busy"), "--teacher", "minilm"], "already exists and is not an empty folder"),
+        (["--out", str(tmp_path / "x"), "--teacher", "minilm", "--format", "onnx"], "unknown format 'onnx'"),
+    ]
+    for extra, message in cases:
+        args = ["export", str(tmp_path / "model"), *extra]
+        if "--format" not in extra:
+            args += ["--format", "sentence-transformers"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert (tmp_path / "busy" / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow
+def test_the_teacher_folders_pooling_and_normalisation_are_kept(tmp_path):
+    from replacer_transformers.loading import minilm_dir
+
+    student = replacer.replace(replacer.load_model("minilm"), "lstm", options={"hidden_per_head": 8}).eval()
+    context = ExportContext("minilm", "minilm", "embedding", 64)
+    (exporter,) = export_formats(["sentence-transformers"], context)
+    export_into(exporter, student, tmp_path / "st", context)
+    model, embeddings = _embeddings(tmp_path / "st")
+    assert model.max_seq_length == 256  # the teacher folder's, not the recipe's
+    teacher = SentenceTransformer(str(minilm_dir()), device="cpu", local_files_only=True)
+    assert [type(m).__name__ for m in model] == ["ReplacerEncoder", "Pooling", "Normalize"]
+    assert model[1].get_config_dict() == teacher[1].get_config_dict()
+    torch.testing.assert_close(embeddings, _reference(tmp_path / "st" / "replacer_model"), atol=1e-6, rtol=1e-5)
