@@ -4,6 +4,7 @@ from replacer.version import __version__  # noqa: E402,F401
 
 from replacer.analyzer import AnalyzerSpec  # noqa: E402
 from replacer.checkpoint import load, save  # noqa: E402
+from replacer.ecosystem import Evaluation, Exporter, ModelContext  # noqa: E402
 from replacer.errors import (  # noqa: E402
     CheckpointError,
     ModelSourceError,
@@ -31,8 +32,8 @@ def scan(model) -> ScanResult:
 
 
 __all__ = [
-    "Adapter", "AnalyzerSpec", "CheckpointError", "LinearWeights", "Mixer", "MixerSpec", "MixerState",
-    "ModelSourceError", "NoAttentionError", "OptionsError", "ReplacedAttention", "ReplacerError", "ScanMixer", "ScanResult",
+    "Adapter", "AnalyzerSpec", "CheckpointError", "Evaluation", "Exporter", "LinearWeights", "Mixer", "MixerSpec", "MixerState",
+    "ModelContext", "ModelSourceError", "NoAttentionError", "OptionsError", "ReplacedAttention", "ReplacerError", "ScanMixer", "ScanResult",
     "Site", "SiteSelectionError", "UnknownPluginError", "Unsupported", "UnsupportedCallError", "UnsupportedSite",
     "count_parameters", "get_registry", "hookimpl", "load", "load_model", "replace", "save", "scan",
 ]

@@ -241,7 +241,7 @@ def export(
 ) -> None:
     """Write a converted model in another format (a folder `SentenceTransformer(OUT, trust_remote_code=True)` loads, ...)."""
     import replacer
-    from replacer.exporter import ExportContext
+    from replacer.ecosystem import ModelContext
     from replacer.exporting import export_formats, export_into
     from replacer.run_dir import RESOLVED_RECIPE, RunLayout
     from replacer.tasks import task_kind
@@ -255,12 +255,12 @@ def export(
         recipe = load_recipe(source / RESOLVED_RECIPE)
         model = replacer.load(RunLayout(source).model, trust_remote_code=trust_remote_code)
         context = export_context(recipe, model)
-        context = ExportContext(teacher or context.teacher_source, teacher or context.tokenizer_source, context.task, context.max_length)
+        context = ModelContext(teacher or context.teacher_source, teacher or context.tokenizer_source, context.task, context.max_length)
     else:
         if teacher is None:
             raise ReplacerError(f"{source} is a saved model, not a run: give --teacher SOURCE (its tokenizer and pooling)")
         model = replacer.load(source, trust_remote_code=trust_remote_code)
-        context = ExportContext(teacher, teacher, task_kind("auto", model, True), max_length)
+        context = ModelContext(teacher, teacher, task_kind("auto", model, True), max_length)
     (exporter,) = export_formats([format_], context)
     written = export_into(exporter, model, out, context)
     console.print(f"exported {source} as {exporter.name} to {written}")

@@ -12,7 +12,7 @@ from torch import nn
 
 from replacer.checkpoint import save
 from replacer.errors import ReplacerError
-from replacer.exporter import ExportContext, Exporter
+from replacer.ecosystem import ModelContext, Exporter
 from replacer.files import temporary_name
 from replacer.plugins import get_registry
 
@@ -26,11 +26,11 @@ class ReplacerFormat(Exporter):
 
     name, folder, writes_atomically = REPLACER, "model", True
 
-    def export(self, model: nn.Module, out: Path, context: ExportContext) -> None:
+    def export(self, model: nn.Module, out: Path, context: ModelContext) -> None:
         save(model, out)
 
 
-def export_formats(asked: list[str] | None, context: ExportContext) -> list[Exporter]:
+def export_formats(asked: list[str] | None, context: ModelContext) -> list[Exporter]:
     """The exporters for `asked` (None: replacer's own plus the task's defaults that can be written here),
     each checked against `context`; an unknown or impossible format is a `ReplacerError`."""
     registry = get_registry()
@@ -61,7 +61,7 @@ def export_formats(asked: list[str] | None, context: ExportContext) -> list[Expo
     return chosen
 
 
-def export_into(exporter: Exporter, model: nn.Module, out: Path, context: ExportContext) -> Path:
+def export_into(exporter: Exporter, model: nn.Module, out: Path, context: ModelContext) -> Path:
     """Write one format into `out`, replacing what was there only once the new folder is complete."""
     if exporter.writes_atomically:
         exporter.export(model, out, context)

@@ -36,6 +36,11 @@ def replacer_exporters() -> list:
     """Return `replacer.Exporter` instances for the formats (beyond replacer's own) this plugin writes."""
 
 
+@hookspec
+def replacer_evaluations() -> list:
+    """Return `replacer.Evaluation` instances: held-out evaluations by another ecosystem's tools."""
+
+
 @hookspec(firstresult=True)
 def replacer_describe_model(model: Any) -> dict | None:
     """If this plugin's family owns `model`, return a JSON-able origin that `replacer_build_model` rebuilds."""

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset
 
 from replacer.errors import ModelSourceError, ReplacerError, SiteSelectionError, summary
-from replacer.exporter import ExportContext
+from replacer.ecosystem import ModelContext
 from replacer.exporting import export_formats
 from replacer.models import load_model
 from replacer.plugins import get_registry
@@ -142,10 +142,10 @@ def check_sites(recipe: Recipe, teacher: nn.Module) -> None:
         raise SiteSelectionError(f"sites: {exc}") from None
 
 
-def export_context(recipe: Recipe, teacher: nn.Module) -> ExportContext:
+def export_context(recipe: Recipe, teacher: nn.Module) -> ModelContext:
     """What exporters are told about the run's model: its sources, its task, how long its inputs are."""
     text = is_text(recipe)
-    return ExportContext(
+    return ModelContext(
         teacher_source=recipe.model.source, tokenizer_source=(recipe.model.tokenizer or recipe.model.source) if text else None,
         task=task_kind(recipe.model.task, teacher, text), max_length=max_text_length(recipe),
     )

@@ -22,7 +22,7 @@ import pluggy
 from replacer import hookspecs
 from replacer.analyzer import AnalyzerSpec
 from replacer.errors import PluginConflictError, UnknownPluginError
-from replacer.exporter import Exporter
+from replacer.ecosystem import Evaluation, Exporter
 from replacer.graph.adapter import Adapter
 from replacer.mixer import MixerSpec
 
@@ -67,6 +67,7 @@ class Registry:
         self.plugins: list[PluginInfo] = []
         self._claims: dict[tuple[str, str], list[_Claim]] = {}
         self._adapters: list[Adapter] = []
+        self._evaluations: list[Evaluation] = []
         self._warned: set[str] = set()
 
     def load_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
@@ -97,6 +98,7 @@ class Registry:
             adapters = _collect(self.manager, plugin, "replacer_adapters", Adapter)
             analyzers = _collect(self.manager, plugin, "replacer_analyzers", AnalyzerSpec)
             exporters = _collect(self.manager, plugin, "replacer_exporters", Exporter)
+            evaluations = _collect(self.manager, plugin, "replacer_evaluations", Evaluation)
         except Exception:
             self.manager.unregister(plugin)
             raise
@@ -107,6 +109,9 @@ class Registry:
         for adapter in adapters:
             self._adapters.append(adapter)
             info.provides.append(f"adapter:{adapter.name}")
+        for evaluation in evaluations:
+            self._evaluations.append(evaluation)
+            info.provides.append(f"evaluation:{evaluation.name}")
         for hook in ("replacer_load_model", "replacer_load_tokenizer", "replacer_describe_model", "replacer_build_model",
                      "replacer_cache_footprint"):
             if _implements(self.manager, plugin, hook):
@@ -129,6 +134,11 @@ class Registry:
     def adapters(self) -> list[Adapter]:
         """Every adapter, highest `priority` first (registration order among equals)."""
         return sorted(self._adapters, key=lambda a: -a.priority)
+
+    @property
+    def evaluations(self) -> list[Evaluation]:
+        """Every ecosystem evaluation, in registration order."""
+        return list(self._evaluations)
 
     def _names(self, kind: str) -> list[str]:
         return sorted(name for k, name in self._claims if k == kind)

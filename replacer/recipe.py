@@ -221,6 +221,10 @@ class EvalSpec(Strict):
     latency_repeats: PositiveInt = Field(10, description="timed repeats per batch size (the median is reported)")
     site_error_batches: PositiveInt = Field(2, description="held-out batches for per-site and per-layer similarity")
     figures: bool = Field(True, description="write PNG figures (loss curves, similarity per site and layer, ...)")
+    ecosystem: bool = Field(
+        True, description="also measure teacher and students with their ecosystem's own evaluators where installed "
+        "(sentence-transformers' retrieval and triplet evaluators for embedding models)",
+    )
 
 
 class ExportSpec(Strict):

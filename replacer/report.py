@@ -60,6 +60,18 @@ def _cache(report: dict[str, Any]) -> list[str]:
     ]
 
 
+def _ecosystem(report: dict[str, Any]) -> list[str]:
+    """Each ecosystem evaluation's figures: one row per metric, one column per model (the teacher first)."""
+    parts = []
+    for name, by_model in (report.get("ecosystem") or {}).items():
+        if not by_model:
+            continue
+        models = list(by_model)
+        metrics = list(next(iter(by_model.values())))
+        parts += [f"## {name} evaluation (held-out data)", _table(["metric", *models], [[k, *(by_model[m].get(k) for m in models)] for k in metrics])]
+    return parts
+
+
 def _sparse_teacher(report: dict[str, Any]) -> list[str]:
     sparse = report.get("sparse_teacher")
     if not sparse:
@@ -135,6 +147,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "## Fidelity to the teacher (held-out data)",
         _table(["metric", *models], [[n, *(fidelity[m][n] for m in models)] for n in names]),
         *_sparse_teacher(report),
+        *_ecosystem(report),
         "## Per-site fidelity on the teacher's own inputs",
         "Relative squared error (lower is better) and linear CKA of the tokens (higher is better) of each "
         "replaced site's output against the teacher attention's output.",

@@ -13,6 +13,7 @@ import contextlib
 import copy
 import functools
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -27,11 +28,13 @@ from replacer.checkpoint import load, save
 from replacer.distill.blockwise import distill_blockwise
 from replacer.distill.end_to_end import tune_end_to_end
 from replacer.distributed import World
+from replacer.ecosystem import ModelContext
 from replacer.evaluate import evaluate, median_latency_ms, outputs, write_figures
 from replacer.exporting import export_formats, export_into
 from replacer.files import write_text_atomically
 from replacer.graph.scan import scan
 from replacer.inputs import export_context
+from replacer.plugins import get_registry
 from replacer.progress import Progress
 from replacer.pruning.latency import Measure
 from replacer.pruning.stage import budget_name, prune_budgets
@@ -43,6 +46,8 @@ from replacer.sparsify import sparsified_teacher
 from replacer.tasks import Batch, Task
 from replacer.teacher import obtain_teacher
 from replacer.training_state import clear_state
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -275,6 +280,8 @@ class EvaluateStage(Stage):
                 recipe.evaluate.latency_repeats if recipe.evaluate.latency else None, recipe.evaluate.site_error_batches,
             )
             advance()
+        if recipe.evaluate.ecosystem:
+            metrics["ecosystem"] = ecosystem_evaluations({"teacher": ctx.reference, **models}, ctx.held_out, export_context(recipe, ctx.reference))
         if recipe.sparsify.enabled:  # what sparsifying cost the teacher itself
             metrics["sparse_teacher"] = task.compare(outputs(task, ctx.reference, batches), outputs(task, ctx.teacher, batches), batches)
         if recipe.evaluate.figures:
@@ -305,6 +312,20 @@ class ExportStage(Stage):
 STAGES: tuple[Stage, ...] = (
     TeacherStage(), AnalyzeStage(), SparsifyStage(), StudentStep(), DistillStage(), TuneStage(), PruneStage(), EvaluateStage(), ExportStage(),
 )
+
+
+def ecosystem_evaluations(models: dict[str, nn.Module], examples: Sequence[Any], context: ModelContext) -> dict[str, dict]:
+    """Every installed ecosystem evaluation made for the task, by name (those that cannot run here are noted and skipped)."""
+    results = {}
+    for evaluation in get_registry().evaluations:
+        if context.task not in evaluation.tasks:
+            continue
+        missing = evaluation.available()
+        if missing is not None:
+            logger.warning("the %s evaluation is skipped: %s", evaluation.name, missing)
+            continue
+        results[evaluation.name] = evaluation.evaluate(models, list(examples), context)
+    return results
 
 
 def read_evaluation(path: Path) -> dict[str, Any] | None:

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 import replacer
 from conftest import tiny_text_bert
 from replacer.cli import app
-from replacer.exporter import ExportContext
+from replacer.ecosystem import ModelContext
 from replacer.exporting import export_formats, export_into
 from replacer.tasks import EmbeddingTask
 
@@ -35,7 +35,7 @@ def _reference(saved, texts=TEXTS, max_length=256):
 
 def test_a_sentence_transformers_export_encodes_as_the_replaced_model(tmp_path):
     student = replacer.replace(tiny_text_bert(), "lstm", options={"hidden_per_head": 4}).eval()
-    context = ExportContext("conftest:tiny_text_bert", "minilm", "embedding", 256)
+    context = ModelContext("conftest:tiny_text_bert", "minilm", "embedding", 256)
     (exporter,) = export_formats(["sentence-transformers"], context)
     export_into(exporter, student, tmp_path / "st", context)
     model, embeddings = _embeddings(tmp_path / "st")
@@ -46,13 +46,13 @@ def test_a_sentence_transformers_export_encodes_as_the_replaced_model(tmp_path):
 
 
 def test_unknown_and_unsuitable_formats_are_refused_before_work():
-    context = ExportContext("smollm2", "smollm2", "causal-lm", 64)
+    context = ModelContext("smollm2", "smollm2", "causal-lm", 64)
     with pytest.raises(replacer.ReplacerError, match="unknown format 'onnx'; known: replacer, sentence-transformers"):
         export_formats(["replacer", "onnx"], context)
     with pytest.raises(replacer.ReplacerError, match="writes embedding models, and this recipe's task is 'causal-lm'"):
         export_formats(["sentence-transformers"], context)
     assert [e.name for e in export_formats(None, context)] == ["replacer"]
-    assert [e.name for e in export_formats(None, ExportContext("x", "minilm", "embedding", 64))] == ["replacer", "sentence-transformers"]
+    assert [e.name for e in export_formats(None, ModelContext("x", "minilm", "embedding", 64))] == ["replacer", "sentence-transformers"]
 
 
 def test_a_run_writes_both_formats_by_default_and_replacer_export_writes_one(tmp_path):
@@ -64,6 +64,9 @@ def test_a_run_writes_both_formats_by_default_and_replacer_export_writes_one(tmp
     st, embeddings = _embeddings(run / "sentence-transformers")
     assert st.max_seq_length == 16  # what the run trained on, where the teacher folder does not say
     torch.testing.assert_close(embeddings, _reference(run / "model", max_length=16), atol=1e-6, rtol=1e-5)
+    report = json.loads((run / "report.json").read_text())
+    assert set(report["ecosystem"]["sentence-transformers"]) == {"teacher", "distilled", "undistilled"}
+    assert "## sentence-transformers evaluation (held-out data)" in (run / "report.md").read_text()
     state = json.loads((run / "state.json").read_text())
     assert state["stages"]["export"]["formats"] == {"replacer": "model", "sentence-transformers": "sentence-transformers"}
 
@@ -104,7 +107,7 @@ def test_the_teacher_folders_pooling_and_normalisation_are_kept(tmp_path):
     from replacer_transformers.loading import minilm_dir
 
     student = replacer.replace(replacer.load_model("minilm"), "lstm", options={"hidden_per_head": 8}).eval()
-    context = ExportContext("minilm", "minilm", "embedding", 64)
+    context = ModelContext("minilm", "minilm", "embedding", 64)
     (exporter,) = export_formats(["sentence-transformers"], context)
     export_into(exporter, student, tmp_path / "st", context)
     model, embeddings = _embeddings(tmp_path / "st")
@@ -113,3 +116,26 @@ def test_the_teacher_folders_pooling_and_normalisation_are_kept(tmp_path):
     assert [type(m).__name__ for m in model] == ["ReplacerEncoder", "Pooling", "Normalize"]
     assert model[1].get_config_dict() == teacher[1].get_config_dict()
     torch.testing.assert_close(embeddings, _reference(tmp_path / "st" / "replacer_model"), atol=1e-6, rtol=1e-5)
+
+
+def test_the_sentence_transformers_evaluation_scores_held_out_halves_as_a_reference_does():
+    from replacer_transformers.sentence_transformers_evaluation import SentenceTransformersEvaluation, split_halves
+
+    texts = [f"text {i} says " + " ".join(f"w{(i * 7 + j) % 23}" for j in range(8)) for i in range(12)] + ["too short"]
+    firsts, seconds = split_halves(texts)
+    assert len(firsts) == 12 and firsts[0] == "text 0 says w0 w1" and seconds[0] == "w2 w3 w4 w5 w6 w7"
+    teacher = tiny_text_bert().eval()
+    student = replacer.replace(teacher, "lstm", options={"hidden_per_head": 4}).eval()
+    context = ModelContext("conftest:tiny_text_bert", "minilm", "embedding", 64)
+    figures = SentenceTransformersEvaluation().evaluate({"teacher": teacher, "student": student}, texts, context)
+    task = EmbeddingTask(replacer.get_registry().load_tokenizer("minilm"), 64)
+    for name, model in (("teacher", teacher), ("student", student)):
+        with torch.no_grad():
+            a, p = (task.run(model, task.collate(t))["embedding"] for t in (firsts, seconds))
+        n = torch.roll(p, -6, 0)  # each anchor's negative: the text half the list away
+        similarity = a @ p.T
+        assert figures[name]["triplet_accuracy"] == pytest.approx(((a * p).sum(-1) > (a * n).sum(-1)).float().mean().item())
+        rank_of_own = (similarity > similarity.diag()[:, None]).sum(1)
+        assert figures[name]["retrieval_accuracy@1"] == pytest.approx((rank_of_own == 0).float().mean().item())
+        assert figures[name]["retrieval_mrr@10"] == pytest.approx(torch.where(rank_of_own < 10, 1 / (rank_of_own + 1), 0).mean().item())
+        assert figures[name]["pairs"] == 12

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from replacer.errors import ReplacerError
-from replacer.exporter import ExportContext, Exporter
+from replacer.ecosystem import ModelContext, Exporter
 
 
 class SentenceTransformersExporter(Exporter):
@@ -20,7 +20,7 @@ class SentenceTransformersExporter(Exporter):
     folder = "sentence-transformers"
     default_for = ("embedding",)
 
-    def check(self, context: ExportContext) -> None:
+    def check(self, context: ModelContext) -> None:
         if context.task != "embedding":
             raise ReplacerError(
                 f"export format 'sentence-transformers' writes embedding models, and this recipe's task is '{context.task}'; "
@@ -31,27 +31,33 @@ class SentenceTransformersExporter(Exporter):
         if context.tokenizer_source is None:
             raise ReplacerError("export format 'sentence-transformers' needs a tokenizer: set model.tokenizer")
 
-    def export(self, model: nn.Module, out: Path, context: ExportContext) -> None:
-        from sentence_transformers import SentenceTransformer
-        from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
-
-        from replacer.plugins import get_registry
-        from replacer_transformers.sentence_transformers_module import ReplacerEncoder
-
+    def export(self, model: nn.Module, out: Path, context: ModelContext) -> None:
         self.check(context)
-        tokenizer = get_registry().load_tokenizer(context.tokenizer_source)
-        teacher = _teacher_folder(context.teacher_source)
-        if teacher is None:
-            encoder = ReplacerEncoder(model, tokenizer, max_seq_length=context.max_length)
-            modules = [encoder, Pooling(encoder.get_embedding_dimension(), pooling_mode="mean"), Normalize()]
-            settings: dict[str, Any] = {"similarity_fn_name": "cosine"}
-        else:
-            encoder = ReplacerEncoder(model, tokenizer, max_seq_length=teacher.max_seq_length or context.max_length,
-                                      do_lower_case=bool(getattr(teacher[0], "do_lower_case", False)))
-            modules = [encoder, *list(teacher)[1:]]
-            settings = {"similarity_fn_name": teacher.similarity_fn_name, "prompts": teacher.prompts,
-                        "default_prompt_name": teacher.default_prompt_name}
-        SentenceTransformer(modules=modules, device="cpu", **settings).save(str(out), create_model_card=False)
+        as_sentence_transformer(model, context).save(str(out), create_model_card=False)
+
+
+def as_sentence_transformer(model: nn.Module, context: ModelContext) -> Any:
+    """`model` (a converted encoder, or its teacher) as a `SentenceTransformer`, with the teacher folder's
+    pooling, dense and normalisation modules and settings, or mean pooling and L2 normalisation."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling
+
+    from replacer.plugins import get_registry
+    from replacer_transformers.sentence_transformers_module import ReplacerEncoder
+
+    tokenizer = get_registry().load_tokenizer(context.tokenizer_source)
+    teacher = _teacher_folder(context.teacher_source)
+    if teacher is None:
+        encoder = ReplacerEncoder(model, tokenizer, max_seq_length=context.max_length)
+        modules = [encoder, Pooling(encoder.get_embedding_dimension(), pooling_mode="mean"), Normalize()]
+        settings: dict[str, Any] = {"similarity_fn_name": "cosine"}
+    else:
+        encoder = ReplacerEncoder(model, tokenizer, max_seq_length=teacher.max_seq_length or context.max_length,
+                                  do_lower_case=bool(getattr(teacher[0], "do_lower_case", False)))
+        modules = [encoder, *list(teacher)[1:]]
+        settings = {"similarity_fn_name": teacher.similarity_fn_name, "prompts": teacher.prompts,
+                    "default_prompt_name": teacher.default_prompt_name}
+    return SentenceTransformer(modules=modules, device="cpu", **settings)
 
 
 def _teacher_folder(source: str) -> Any:
