@@ -266,6 +266,38 @@ def export(
     console.print(f"exported {source} as {exporter.name} to {written}")
 
 
+@app.command()
+@one_line_errors
+def evaluate(
+    source: Path = typer.Argument(..., help="a run directory, or a model saved by replacer (then give --teacher and --text)"),
+    lm_eval: Optional[str] = typer.Option(None, "--lm-eval", help="lm-evaluation-harness tasks, comma-separated (replacer_heldout: the held-out text)"),
+    with_: Optional[str] = typer.Option(None, "--with", help="another ecosystem evaluation by name (see `replacer plugins`)"),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="evaluation option KEY=VALUE; repeatable"),
+    teacher: Optional[str] = typer.Option(None, help="the teacher's source, for a saved model"),
+    text: Optional[str] = typer.Option(None, help="held-out text source (fortunes, bible, file:PATH, ...): default the run's eval data"),
+    limit: Optional[int] = typer.Option(None, min=1, help="at most this many held-out texts"),
+    max_length: int = typer.Option(256, help="longest window in tokens, for a saved model"),
+) -> None:
+    """Measure a student beside its teacher with an ecosystem's own tools; for a run, the figures join its report."""
+    from replacer.evaluate_saved import evaluate_saved
+
+    if (lm_eval is None) == (with_ is None):
+        raise ReplacerError("give one of --lm-eval TASKS or --with EVALUATION")
+    options = dict(_parse_option(o) for o in option or [])
+    if lm_eval is not None:
+        options["tasks"] = lm_eval
+    name = "lm-eval" if lm_eval is not None else with_
+    figures = evaluate_saved(source, name, options, teacher=teacher, text=text, limit=limit, max_length=max_length)
+    table = Table(title=f"{name}: {source}")
+    models = list(figures)
+    table.add_column("metric")
+    for model in models:
+        table.add_column(model, justify="right")
+    for metric in next(iter(figures.values()), {}):
+        table.add_row(metric, *(f"{figures[m][metric]:.4g}" for m in models))
+    console.print(table)
+
+
 @app.command("recipe-reference")
 @one_line_errors
 def recipe_reference() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -50,16 +51,18 @@ class Exporter(abc.ABC):
 
 class Evaluation(abc.ABC):
     """A held-out evaluation by another ecosystem's own tools, run on the teacher and its students alike
-    by the evaluate stage for the tasks in `tasks` (where `available` says it can run)."""
+    for the tasks in `tasks` (where `available` says it can run): by the evaluate stage when `automatic`,
+    and by `replacer evaluate RUN --with NAME` always."""
 
     name: str = ""
     tasks: tuple[str, ...] = ()
+    automatic: bool = True
 
     def available(self) -> str | None:
         """None when it can run here; else the one-line reason (a package to install)."""
         return None
 
     @abc.abstractmethod
-    def evaluate(self, models: dict[str, nn.Module], examples: list, context: ModelContext) -> dict[str, dict[str, float]]:
+    def evaluate(self, models: dict[str, nn.Module], examples: list, context: ModelContext, **options: Any) -> dict[str, dict[str, float]]:
         """Figures by model name (the names of `models`, "teacher" among them), each a dict of metric -> value,
-        measured on the held-out `examples`."""
+        measured on the held-out `examples`; `options` are the evaluation's own (`replacer evaluate --option`)."""

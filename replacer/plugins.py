@@ -140,6 +140,13 @@ class Registry:
         """Every ecosystem evaluation, in registration order."""
         return list(self._evaluations)
 
+    def evaluation(self, name: str) -> Evaluation:
+        found = [e for e in self._evaluations if e.name == name]
+        if not found:
+            names = ", ".join(e.name for e in self._evaluations) or "none"
+            raise UnknownPluginError(f"unknown evaluation '{name}'; installed: {names}")
+        return found[0]
+
     def _names(self, kind: str) -> list[str]:
         return sorted(name for k, name in self._claims if k == kind)
 

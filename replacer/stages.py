@@ -318,7 +318,7 @@ def ecosystem_evaluations(models: dict[str, nn.Module], examples: Sequence[Any],
     """Every installed ecosystem evaluation made for the task, by name (those that cannot run here are noted and skipped)."""
     results = {}
     for evaluation in get_registry().evaluations:
-        if context.task not in evaluation.tasks:
+        if not evaluation.automatic or context.task not in evaluation.tasks:
             continue
         missing = evaluation.available()
         if missing is not None:

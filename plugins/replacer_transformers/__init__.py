@@ -7,6 +7,7 @@ from replacer.hookspecs import hookimpl
 from replacer_transformers.adapters import GPT2AttentionAdapter, HFProjectedAttentionAdapter, HFSelfAttentionAdapter
 from replacer_transformers.cache import cache_footprint
 from replacer_transformers.exporters import SentenceTransformersExporter
+from replacer_transformers.lm_eval_harness import LMEvalHarness
 from replacer_transformers.sentence_transformers_evaluation import SentenceTransformersEvaluation
 from replacer_transformers.loading import build_model, describe_model, load_model, load_tokenizer
 from replacer_transformers.structural import HFStructuralAdapter
@@ -24,7 +25,7 @@ def replacer_exporters() -> list:
 
 @hookimpl
 def replacer_evaluations() -> list:
-    return [SentenceTransformersEvaluation()]
+    return [SentenceTransformersEvaluation(), LMEvalHarness()]
 
 
 @hookimpl

@@ -10,10 +10,12 @@ whose one relevant document is its own second half, among all second halves. Tri
 from __future__ import annotations
 
 import importlib.util
+from typing import Any
 
 from torch import nn
 
 from replacer.ecosystem import Evaluation, ModelContext
+from replacer.errors import ReplacerError
 
 MIN_WORDS = 6
 FIGURES = {
@@ -43,7 +45,9 @@ class SentenceTransformersEvaluation(Evaluation):
     def available(self) -> str | None:
         return None if importlib.util.find_spec("sentence_transformers") else "needs the package: pip install sentence-transformers"
 
-    def evaluate(self, models: dict[str, nn.Module], examples: list, context: ModelContext) -> dict[str, dict[str, float]]:
+    def evaluate(self, models: dict[str, nn.Module], examples: list, context: ModelContext, **options: Any) -> dict[str, dict[str, float]]:
+        if options:
+            raise ReplacerError(f"the sentence-transformers evaluation takes no options, got {sorted(options)}")
         from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator, TripletEvaluator
 
         from replacer_transformers.exporters import as_sentence_transformer
