@@ -1,4 +1,4 @@
-"""The example plugin distribution in docs/examples installs with pip, is listed, and passes the kit."""
+"""The example plugin distributions in docs/examples install with pip, are listed, and pass the kits."""
 
 from __future__ import annotations
 
@@ -10,42 +10,52 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).parent.parent / "docs" / "examples" / "replacer-conv"
+EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
+# distribution -> (what `replacer plugins` lists it as providing, how many tests it has)
+PROVIDES = {"replacer-conv": (" conv ", "mixer", 5), "replacer-tinyformer": (" tinyformer ", "adapter", 4)}
 
 
 @pytest.fixture(scope="module")
-def copy(tmp_path_factory) -> Path:
-    """A copy of the example, so building it leaves the checkout untouched."""
-    return Path(shutil.copytree(EXAMPLE, tmp_path_factory.mktemp("example") / "replacer-conv"))
+def copies(tmp_path_factory) -> Path:
+    """Copies of the examples, so building them leaves the checkout untouched."""
+    folder = tmp_path_factory.mktemp("examples")
+    for name in PROVIDES:
+        shutil.copytree(EXAMPLES / name, folder / name)
+    return folder
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory, copy: Path) -> dict[str, str]:
-    """pip-installs the example into a private folder; returns an environment that sees it."""
+def installed(tmp_path_factory, copies: Path) -> dict[str, str]:
+    """pip-installs the examples into a private folder; returns an environment that sees them."""
     target = tmp_path_factory.mktemp("site")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(copy)],
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target),
+         *(str(copies / name) for name in PROVIDES)],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert list(target.glob("replacer_conv-0.1.0.dist-info/entry_points.txt"))
+    for name in PROVIDES:
+        assert list(target.glob(f"{name.replace('-', '_')}-0.1.0.dist-info/entry_points.txt"))
     return {**os.environ, "PYTHONPATH": str(target)}
 
 
-def test_example_is_listed_by_replacer_plugins(installed):
+def test_examples_are_listed_by_replacer_plugins(installed):
     result = subprocess.run(
         [sys.executable, "-m", "replacer", "plugins"], env={**installed, "COLUMNS": "200"}, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    row = next(line for line in result.stdout.splitlines() if " conv " in f" {line} ")
-    assert "replacer-conv" in row and "0.1.0" in row and "mixer" in row
+    for name, (entry, kind, _) in PROVIDES.items():
+        row = next(line for line in result.stdout.splitlines() if entry in f" {line} ")
+        assert name in row and "0.1.0" in row and kind in row, row
 
 
-def test_example_passes_its_own_tests_and_the_kit(installed, copy: Path):
+@pytest.mark.parametrize("name", sorted(PROVIDES))
+def test_example_passes_its_own_tests_and_the_kit(installed, copies: Path, name: str):
+    copy = copies / name
     shutil.rmtree(copy / "src")  # the tests must use the installed distribution, not the sources
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(copy / "tests")],
         env=installed, capture_output=True, text=True, timeout=600, cwd=copy,
     )
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "5 passed" in result.stdout
+    assert f"{PROVIDES[name][2]} passed" in result.stdout
