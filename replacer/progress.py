@@ -72,11 +72,11 @@ def _duration(seconds: float) -> str:
 class PlainProgress:
     """Timestamped lines: when a unit of work starts, at every tenth of it or after `every` seconds
     (whichever comes first, so a long stage still shows life and a short one prints at most ten
-    lines), and when it ends. Each line has step / total, the mean loss since the previous line,
-    the rate and the ETA."""
+    lines; never two within `gap` seconds), and when it ends. Each line has step / total, the mean
+    loss since the previous line, the rate and the ETA."""
 
-    def __init__(self, console: Console, every: float = 30.0, clock: Callable[[], float] = time.time) -> None:
-        self.console, self.every, self.clock = console, every, clock
+    def __init__(self, console: Console, every: float = 30.0, gap: float = 1.0, clock: Callable[[], float] = time.time) -> None:
+        self.console, self.every, self.gap, self.clock = console, every, gap, clock
 
     def __enter__(self) -> "PlainProgress":
         return self
@@ -98,7 +98,7 @@ class PlainProgress:
                 losses.append(loss)
             now = self.clock()
             tenth = max(1, total // 10)
-            if done < total and (done % tenth == 0 or now - last >= self.every):
+            if done < total and (done % tenth == 0 and now - last >= self.gap or now - last >= self.every):
                 last = now
                 rate = done / max(now - start, 1e-9)
                 parts = [f"{description}  {done}/{total}"]

@@ -139,3 +139,15 @@ def test_the_sentence_transformers_evaluation_scores_held_out_halves_as_a_refere
         assert figures[name]["retrieval_accuracy@1"] == pytest.approx((rank_of_own == 0).float().mean().item())
         assert figures[name]["retrieval_mrr@10"] == pytest.approx(torch.where(rank_of_own < 10, 1 / (rank_of_own + 1), 0).mean().item())
         assert figures[name]["pairs"] == 12
+
+
+def test_validate_refuses_a_format_the_recipe_cannot_write(tmp_path):
+    from helpers import tiny_text_recipe
+
+    recipe = str(tiny_text_recipe(tmp_path))
+    unknown = runner.invoke(app, ["validate", recipe, "--set", "export.formats=[replacer, onnx]"])
+    assert unknown.exit_code == 2 and "unknown format 'onnx'; known: replacer, sentence-transformers" in unknown.output
+    unsuitable = runner.invoke(app, ["validate", recipe, "--set", "export.formats=[sentence-transformers]", "--set", "model.task=causal-lm"])
+    assert unsuitable.exit_code == 2 and "writes embedding models, and this recipe's task is 'causal-lm'" in unsuitable.output
+    assert runner.invoke(app, ["validate", recipe, "--set", "export.formats=[sentence-transformers]"]).exit_code == 0
+    assert not (tmp_path / "run").exists()  # validating writes nothing

@@ -89,3 +89,19 @@ def test_lm_eval_refuses_bad_requests_in_one_line(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 2 and message in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert (run / "report.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_lm_eval_runs_smollm2_beside_a_converted_student(tmp_path):
+    from replacer.evaluate_saved import evaluate_saved
+
+    student = replacer.replace(replacer.load_model("smollm2"), "lstm", sites=[0, 1])  # two layers, untrained
+    replacer.save(student, tmp_path / "student")
+    args = ["evaluate", str(tmp_path / "student"), "--lm-eval", "replacer_heldout", "--teacher", "smollm2", "--text", "fortunes",
+            "--limit", "8"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "replacer_heldout/bits_per_byte" in result.output, result.output
+    figures = evaluate_saved(tmp_path / "student", "lm-eval", {"tasks": "replacer_heldout"}, teacher="smollm2", text="fortunes", limit=8)
+    teacher, converted = (figures[m]["replacer_heldout/bits_per_byte"] for m in ("teacher", "student"))
+    assert 0.3 < teacher < 2.0  # a real language model on English text: about a bit per byte
+    assert converted > teacher  # two layers' attention gone, nothing trained yet

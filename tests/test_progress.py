@@ -51,6 +51,23 @@ def test_plain_lines_after_every_seconds_on_slow_work_without_loss():
                            "capture  3/1000  40 s/step  eta 11h04m"]
 
 
+def test_a_tenth_right_after_a_timed_line_is_not_printed_again():
+    out, clock = io.StringIO(), Clock()
+    with PlainProgress(Console(file=out, width=200), every=30, clock=clock) as progress:
+        with progress.task("capture", 100) as advance:
+            for step in range(1, 21):
+                clock.now += 3.4 if step <= 9 else 0.15  # 30.6 s to step 9 (a timed line), the tenth at step 10 right after
+                advance()
+    bodies = [line[21:].split("  ")[1] for line in out.getvalue().splitlines()]
+    assert bodies == ["0/100", "9/100", "20/100", "100/100"]
+    fast = io.StringIO()
+    with PlainProgress(Console(file=fast, width=200), clock=Clock()) as progress:  # no time passes: start and end only
+        with progress.task("instant", 50) as advance:
+            for _ in range(50):
+                advance()
+    assert [line[21:].split("  ")[1] for line in fast.getvalue().splitlines()] == ["0/50", "50/50"]
+
+
 def test_a_terminal_gets_bars_that_take_a_loss():
     out = io.StringIO()
     progress = for_console(Console(file=out, force_terminal=True, width=200))
