@@ -229,6 +229,11 @@ def analyze(
     console.print(f"per head: {folder / RESULT}; heatmap: {folder / 'teacher_attention.png'}")
 
 
+def _check_source(source: Path) -> None:
+    if not source.is_dir():
+        raise ReplacerError(f"{source} is not a folder: give a run directory or a model saved by replacer")
+
+
 @app.command()
 @one_line_errors
 def export(
@@ -246,6 +251,7 @@ def export(
     from replacer.run_dir import RESOLVED_RECIPE, RunLayout
     from replacer.tasks import task_kind
 
+    _check_source(source)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReplacerError(f"{out} already exists and is not an empty folder; export into a new one")
     if (source / RESOLVED_RECIPE).is_file():
@@ -281,6 +287,7 @@ def evaluate(
     """Measure a student beside its teacher with an ecosystem's own tools; for a run, the figures join its report."""
     from replacer.evaluate_saved import evaluate_saved
 
+    _check_source(source)
     if (lm_eval is None) == (with_ is None):
         raise ReplacerError("give one of --lm-eval TASKS or --with EVALUATION")
     options = dict(_parse_option(o) for o in option or [])

@@ -26,8 +26,9 @@ def evaluate_saved(
     source: Path, evaluation: str, options: dict[str, Any], teacher: str | None = None, text: str | None = None,
     limit: int | None = None, max_length: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """Figures by model ("teacher", "student") from `evaluation`; `source` is a run directory (its recipe
-    names the teacher and the held-out text) or a saved student (then `teacher` and `text` are needed)."""
+    """Figures by model from `evaluation`: "teacher" and "distilled" (a run's final student, named as its
+    report names it) or "student" (a saved model). `source` is a run directory (its recipe names the
+    teacher and the held-out text) or a saved student (then `teacher` and `text` are needed)."""
     chosen = get_registry().evaluation(evaluation)
     missing = chosen.available()
     if missing is not None:
@@ -54,7 +55,7 @@ def _run_inputs(source: Path, text: str | None, limit: int | None) -> tuple[dict
     teacher = load_teacher(recipe.model).eval()
     student = load(RunLayout(source).model, base=teacher)
     examples = _texts(text, limit) if text else list(load_examples(recipe.data.eval, recipe.seed + 1))[:limit]
-    return {"teacher": teacher, "student": student}, examples, export_context(recipe, teacher)
+    return {"teacher": teacher, "distilled": student}, examples, export_context(recipe, teacher)
 
 
 def _saved_inputs(source: Path, teacher: str | None, text: str | None, limit: int | None, max_length: int) -> tuple[dict[str, nn.Module], list, ModelContext]:

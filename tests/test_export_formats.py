@@ -93,6 +93,8 @@ def test_replacer_export_refuses_bad_arguments_in_one_line(tmp_path):
         (["--out", str(tmp_path / "busy"), "--teacher", "minilm"], "already exists and is not an empty folder"),
         (["--out", str(tmp_path / "x"), "--teacher", "minilm", "--format", "onnx"], "unknown format 'onnx'"),
     ]
+    missing = runner.invoke(app, ["export", str(tmp_path / "nope"), "--format", "sentence-transformers", "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "nope is not a folder: give a run directory or a model saved by replacer" in missing.output
     for extra, message in cases:
         args = ["export", str(tmp_path / "model"), *extra]
         if "--format" not in extra:
@@ -124,6 +126,8 @@ def test_the_sentence_transformers_evaluation_scores_held_out_halves_as_a_refere
     texts = [f"text {i} says " + " ".join(f"w{(i * 7 + j) % 23}" for j in range(8)) for i in range(12)] + ["too short"]
     firsts, seconds = split_halves(texts)
     assert len(firsts) == 12 and firsts[0] == "text 0 says w0 w1" and seconds[0] == "w2 w3 w4 w5 w6 w7"
+    many = split_halves([f"{i} a b c d e f" for i in range(1203)])[0]
+    assert len(many) == 401 and many[:2] == ["0 a b", "3 a b"]  # at most 500, evenly spaced
     teacher = tiny_text_bert().eval()
     student = replacer.replace(teacher, "lstm", options={"hidden_per_head": 4}).eval()
     context = ModelContext("conftest:tiny_text_bert", "minilm", "embedding", 64)

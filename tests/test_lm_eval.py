@@ -59,7 +59,7 @@ def test_lm_eval_scores_teacher_and_student_on_the_held_out_text_into_the_report
     result = runner.invoke(app, ["evaluate", str(run), "--lm-eval", "replacer_heldout", "--limit", "4"])
     assert result.exit_code == 0, result.output
     figures = json.loads((run / "report.json").read_text())["ecosystem"]["lm-eval"]
-    assert set(figures) == {"teacher", "student"}
+    assert set(figures) == {"teacher", "distilled"}
     texts = [line for line in (tmp_path / "t.txt").read_text().splitlines()]
     from replacer.inputs import load_examples
     from replacer.recipe import load_recipe
@@ -69,7 +69,7 @@ def test_lm_eval_scores_teacher_and_student_on_the_held_out_text_into_the_report
     assert set(held_out) <= set(texts)
     teacher = tiny_text_llama().eval()
     student = replacer.load(run / "model", base=teacher)
-    for name, model in (("teacher", teacher), ("student", student)):
+    for name, model in (("teacher", teacher), ("distilled", student)):
         assert figures[name]["replacer_heldout/byte_perplexity"] == pytest.approx(_byte_perplexity(model, held_out), rel=1e-4)
         assert math.log2(figures[name]["replacer_heldout/byte_perplexity"]) == pytest.approx(figures[name]["replacer_heldout/bits_per_byte"], rel=1e-4)
     assert "## lm-eval evaluation (held-out data)" in (run / "report.md").read_text()
@@ -83,6 +83,8 @@ def test_lm_eval_refuses_bad_requests_in_one_line(tmp_path):
         (["evaluate", str(run)], "give one of --lm-eval TASKS or --with EVALUATION"),
         (["evaluate", str(run), "--with", "sentence-transformers"], "measures embedding models, and"),
         (["evaluate", str(run / "model"), "--lm-eval", "replacer_heldout"], "is a saved model, not a run: give --teacher"),
+        (["evaluate", str(run), "--lm-eval", "replacer_heldout", "--option", "batch_size=many"], "batch_size must be a positive whole number"),
+        (["evaluate", str(run), "--lm-eval", "replacer_heldout", "--option", "shots=5"], "takes tasks, limit and batch_size, not ['shots']"),
     ]
     before = (run / "report.json").read_text()
     for args, message in cases:

@@ -67,6 +67,9 @@ class LMEvalHarness(Evaluation):
             raise ReplacerError(f"the lm-eval evaluation takes tasks, limit and batch_size, not {sorted(unknown)}")
         if self.available() is not None:
             raise ReplacerError(f"the lm-eval evaluation {self.available()}")
+        for option, value in (("batch_size", batch_size), ("limit", limit)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ReplacerError(f"the lm-eval option {option} must be a positive whole number, got {value!r}")
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
