@@ -9,7 +9,9 @@ run's own held-out text, which exists offline.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import logging
 import tempfile
@@ -89,8 +91,9 @@ class LMEvalHarness(Evaluation):
                 # each window starts from the prefix token; the text itself is encoded without special tokens
                 harness = HFLM(pretrained=model, tokenizer=tokenizer, device="cpu", batch_size=batch_size, max_length=context.max_length,
                                prefix_token_id=_prefix_token(tokenizer, model), add_bos_token=False)
-                results = simple_evaluate(model=harness, tasks=names, task_manager=manager, limit=limit, log_samples=False,
-                                          bootstrap_iters=0, verbosity="WARNING")
+                with contextlib.redirect_stderr(io.StringIO()):  # the harness's per-batch bars would flood a log
+                    results = simple_evaluate(model=harness, tasks=names, task_manager=manager, limit=limit, log_samples=False,
+                                              bootstrap_iters=0, verbosity="WARNING")
                 figures[label] = _flatten(results["results"])
         return figures
 
