@@ -1,4 +1,5 @@
-"""Helpers several test modules share: a tiny text recipe, random word texts, an IDX writer."""
+"""Helpers several test modules share: tiny text recipes (an encoder's, a decoder's), random word texts,
+an IDX writer."""
 
 from __future__ import annotations
 
@@ -33,6 +34,24 @@ distill: {{steps: {distill_steps}, lr: 0.01, calibration_batches: 8, checkpoint_
 tune: {{steps: {tune_steps}, lr: 0.003, checkpoint_every: 5}}
 evaluate: {{latency_repeats: 2}}
 """)
+    return path
+
+
+def tiny_causal_recipe(tmp_path: Path, sections: str, max_length: int = 16, eval_limit: int = 16) -> Path:
+    """A recipe over a tiny random Llama that reads MiniLM's tokenizer, numbered lines of text for both
+    data sections, and the stage `sections` given as YAML."""
+    texts = tmp_path / "t.txt"
+    texts.write_text("\n".join(f"line {i} of some text about {i % 7} things and more" for i in range(64)))
+    path = tmp_path / "r.yaml"
+    path.write_text(f"""
+name: causal
+run_dir: {tmp_path / 'run'}
+model: {{source: "conftest:tiny_text_llama", tokenizer: minilm, task: causal-lm}}
+data:
+  train: [{{kind: text, source: "file:{texts}", max_length: {max_length}}}]
+  eval: [{{kind: text, source: "file:{texts}", max_length: {max_length}, limit: {eval_limit}}}]
+  batch_size: 8
+""" + sections)
     return path
 
 

@@ -113,22 +113,13 @@ def test_a_recipe_replaces_the_most_recent_heads(tmp_path):
     from replacer.recipe import load_recipe
     from replacer.run import run_recipe
 
-    texts = tmp_path / "t.txt"
-    texts.write_text("\n".join(f"line {i} of some text about {i % 7} things" for i in range(64)))
-    path = tmp_path / "r.yaml"
-    path.write_text(f"""
-name: hybrid
-run_dir: {tmp_path / 'run'}
-model: {{source: "conftest:tiny_text_llama", tokenizer: minilm, task: causal-lm}}
-data:
-  train: [{{kind: text, source: "file:{texts}", max_length: 16}}]
-  eval: [{{kind: text, source: "file:{texts}", max_length: 16, limit: 16}}]
-  batch_size: 8
-sites: {{policy: recent-heads, fraction: 0.25}}
-analyze: {{batches: 2}}
-distill: {{enabled: false}}
-tune: {{steps: 2}}
-evaluate: {{latency_repeats: 1}}
+    from helpers import tiny_causal_recipe
+
+    path = tiny_causal_recipe(tmp_path, """sites: {policy: recent-heads, fraction: 0.25}
+analyze: {batches: 2}
+distill: {enabled: false}
+tune: {steps: 2}
+evaluate: {latency_repeats: 1}
 """)
     with pytest.raises(replacer.ReplacerError, match="set distill.enabled to false"):
         run_recipe(load_recipe(path, ["distill.enabled=true", f"run_dir={tmp_path / 'refused'}"]))

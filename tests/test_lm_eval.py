@@ -19,22 +19,13 @@ runner = CliRunner()
 
 
 def _causal_run(tmp_path):
-    texts = tmp_path / "t.txt"
-    texts.write_text("\n".join(f"line {i} of some text about {i % 7} things and more" for i in range(48)))
-    path = tmp_path / "r.yaml"
-    path.write_text(f"""
-name: causal
-run_dir: {tmp_path / 'run'}
-model: {{source: "conftest:tiny_text_llama", tokenizer: minilm, task: causal-lm}}
-data:
-  train: [{{kind: text, source: "file:{texts}", max_length: 32}}]
-  eval: [{{kind: text, source: "file:{texts}", max_length: 32, limit: 6}}]
-  batch_size: 8
-mixer: {{plugin: lstm, options: {{hidden_per_head: 4}}}}
-distill: {{steps: 2, calibration_batches: 2}}
-tune: {{steps: 2}}
-evaluate: {{latency: false, figures: false}}
-""")
+    from helpers import tiny_causal_recipe
+
+    path = tiny_causal_recipe(tmp_path, """mixer: {plugin: lstm, options: {hidden_per_head: 4}}
+distill: {steps: 2, calibration_batches: 2}
+tune: {steps: 2}
+evaluate: {latency: false, figures: false}
+""", max_length=32, eval_limit=6)
     assert runner.invoke(app, ["run", str(path)]).exit_code == 0
     return tmp_path / "run"
 
