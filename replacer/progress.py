@@ -75,8 +75,13 @@ class PlainProgress:
     lines; never two within `gap` seconds), and when it ends. Each line has step / total, the mean
     loss since the previous line, the rate and the ETA."""
 
-    def __init__(self, console: Console, every: float = 30.0, gap: float = 1.0, clock: Callable[[], float] = time.time) -> None:
-        self.console, self.every, self.gap, self.clock = console, every, gap, clock
+    EVERY, GAP = 30.0, 1.0
+
+    def __init__(self, console: Console, every: float | None = None, gap: float | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.console, self.clock = console, clock
+        self.every = self.EVERY if every is None else every
+        self.gap = self.GAP if gap is None else gap
 
     def __enter__(self) -> "PlainProgress":
         return self
