@@ -255,12 +255,12 @@ def export(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReplacerError(f"{out} already exists and is not an empty folder; export into a new one")
     if (source / RESOLVED_RECIPE).is_file():
-        from replacer.inputs import export_context
+        from replacer.inputs import export_context, is_text
         from replacer.recipe import load_recipe
 
         recipe = load_recipe(source / RESOLVED_RECIPE)
         model = replacer.load(RunLayout(source).model, trust_remote_code=trust_remote_code)
-        context = export_context(recipe, model)
+        context = export_context(recipe, task_kind(recipe.model.task, model, is_text(recipe)))
         context = ModelContext(teacher or context.teacher_source, teacher or context.tokenizer_source, context.task, context.max_length)
     else:
         if teacher is None:

@@ -14,7 +14,7 @@ from replacer.checkpoint import load
 from replacer.ecosystem import ModelContext
 from replacer.errors import ReplacerError
 from replacer.files import write_text_atomically
-from replacer.inputs import export_context, load_examples, load_teacher
+from replacer.inputs import export_context, is_text, load_examples, load_teacher
 from replacer.plugins import get_registry
 from replacer.recipe import ModelSpec, TextData, load_recipe
 from replacer.report import render_markdown
@@ -55,7 +55,8 @@ def _run_inputs(source: Path, text: str | None, limit: int | None) -> tuple[dict
     teacher = load_teacher(recipe.model).eval()
     student = load(RunLayout(source).model, base=teacher)
     examples = _texts(text, limit) if text else list(load_examples(recipe.data.eval, recipe.seed + 1))[:limit]
-    return {"teacher": teacher, "distilled": student}, examples, export_context(recipe, teacher)
+    context = export_context(recipe, task_kind(recipe.model.task, teacher, is_text(recipe)))
+    return {"teacher": teacher, "distilled": student}, examples, context
 
 
 def _saved_inputs(source: Path, teacher: str | None, text: str | None, limit: int | None, max_length: int) -> tuple[dict[str, nn.Module], list, ModelContext]:

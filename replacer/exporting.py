@@ -11,8 +11,8 @@ from pathlib import Path
 from torch import nn
 
 from replacer.checkpoint import save
+from replacer.ecosystem import Exporter, ModelContext
 from replacer.errors import ReplacerError
-from replacer.ecosystem import ModelContext, Exporter
 from replacer.files import temporary_name
 from replacer.plugins import get_registry
 

@@ -116,7 +116,7 @@ def preflight(recipe: Recipe) -> nn.Module:
         teacher = load_teacher(recipe.model)
         check_sites(recipe, teacher)
         if recipe.export.enabled:
-            export_formats(recipe.export.formats, export_context(recipe, teacher))
+            export_formats(recipe.export.formats, export_context(recipe, task_kind(recipe.model.task, teacher, is_text(recipe))))
     except ReplacerError as exc:
         problems.insert(0, str(exc))
     if problems:
@@ -142,12 +142,13 @@ def check_sites(recipe: Recipe, teacher: nn.Module) -> None:
         raise SiteSelectionError(f"sites: {exc}") from None
 
 
-def export_context(recipe: Recipe, teacher: nn.Module) -> ModelContext:
-    """What exporters are told about the run's model: its sources, its task, how long its inputs are."""
-    text = is_text(recipe)
+def export_context(recipe: Recipe, task: str) -> ModelContext:
+    """What exporters and ecosystem evaluations are told about the run's model (of kind `task`): its
+    sources, its task, how long its inputs are."""
     return ModelContext(
-        teacher_source=recipe.model.source, tokenizer_source=(recipe.model.tokenizer or recipe.model.source) if text else None,
-        task=task_kind(recipe.model.task, teacher, text), max_length=max_text_length(recipe),
+        teacher_source=recipe.model.source,
+        tokenizer_source=(recipe.model.tokenizer or recipe.model.source) if is_text(recipe) else None,
+        task=task, max_length=max_text_length(recipe),
     )
 
 

@@ -281,7 +281,7 @@ class EvaluateStage(Stage):
             )
             advance()
         if recipe.evaluate.ecosystem:
-            metrics["ecosystem"] = ecosystem_evaluations({"teacher": ctx.reference, **models}, ctx.held_out, export_context(recipe, ctx.reference))
+            metrics["ecosystem"] = ecosystem_evaluations({"teacher": ctx.reference, **models}, ctx.held_out, export_context(recipe, task.name))
         if recipe.sparsify.enabled:  # what sparsifying cost the teacher itself
             metrics["sparse_teacher"] = task.compare(outputs(task, ctx.reference, batches), outputs(task, ctx.teacher, batches), batches)
         if recipe.evaluate.figures:
@@ -300,7 +300,7 @@ class ExportStage(Stage):
         return ctx.recipe.export.enabled
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
-        context = export_context(ctx.recipe, ctx.reference)
+        context = export_context(ctx.recipe, ctx.task.name)
         student = ctx.trained_student()
         written = {}
         for exporter in export_formats(ctx.recipe.export.formats, context):

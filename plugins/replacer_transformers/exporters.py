@@ -5,6 +5,7 @@ task computes, where the teacher is not a sentence-transformers folder)."""
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,10 @@ def as_sentence_transformer(model: nn.Module, context: ModelContext) -> Any:
     return SentenceTransformer(modules=modules, device="cpu", **settings)
 
 
+@functools.lru_cache(maxsize=2)
 def _teacher_folder(source: str) -> Any:
-    """The teacher as a sentence-transformers model where its source is a local sentence-transformers folder."""
+    """The teacher as a sentence-transformers model where its source is a local sentence-transformers folder
+    (read once per source: an evaluation wraps the teacher and every student with its modules)."""
     from sentence_transformers import SentenceTransformer
 
     from replacer_transformers.loading import resolve
