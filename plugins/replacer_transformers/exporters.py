@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from replacer.errors import ReplacerError
-from replacer.ecosystem import ModelContext, Exporter
+from replacer.ecosystem import Exporter, ModelContext
 
 
 class SentenceTransformersExporter(Exporter):
