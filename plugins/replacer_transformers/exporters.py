@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import nn
 
-from replacer.errors import ReplacerError
 from replacer.ecosystem import Exporter, ModelContext
+from replacer.errors import ReplacerError
 
 
 class SentenceTransformersExporter(Exporter):
