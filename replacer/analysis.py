@@ -389,19 +389,40 @@ def plot_accuracy_vs_params(
     return _save(fig, path)
 
 
-def plot_budgets(rows: Sequence[Mapping[str, Any]], path: str | Path, metric_name: str) -> Path:
-    """Pruning budgets side by side: quality and CPU latency against the mixers' parameter count."""
-    fig = _figure(10, 4)
-    params = [float(r["mixer_params"]) for r in rows]
-    labels = [str(r["label"]) for r in rows]
-    panels = [("value", metric_name)]
-    if rows and "latency_ms" in rows[0]:
-        panels.append(("latency_ms", f"CPU ms (batch {rows[0]['latency_batch']})"))
-    for i, (key, label) in enumerate(panels):
-        _labelled_points(fig.add_subplot(1, 2, i + 1), params, [float(r[key]) for r in rows], labels,
-                         "mixer parameters", label, joined=True)
-    fig.suptitle("Pruning budgets")
+def plot_budgets(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, metric_name: str, higher_is_better: bool = True
+) -> Path:
+    """The family a pruned run produces: quality against parameters and against CPU latency, both as
+    multiples of the teacher (the row labelled teacher, starred where present), with the Pareto front
+    (no other model is smaller, or faster, and better) drawn through the models on it."""
+    costs = [("params_x", "parameters (x teacher)")]
+    if rows and "latency_x" in rows[0]:
+        costs.append(("latency_x", f"CPU latency, batch {rows[0]['latency_batch']} (x teacher)"))
+    fig = _figure(5.5 * len(costs), 4.4)
+    values = [float(r["value"]) for r in rows]
+    for i, (key, label) in enumerate(costs):
+        ax = fig.add_subplot(1, len(costs), i + 1)
+        xs = [float(r[key]) for r in rows]
+        _labelled_points(ax, xs, values, [str(r["label"]) for r in rows], label, metric_name, joined=False)
+        ax.xaxis.set_major_formatter("{x:.2f}")
+        front = pareto_front(xs, values if higher_is_better else [-v for v in values])
+        ax.plot([xs[j] for j in front], [values[j] for j in front], color="tab:orange", lw=1.2, zorder=2, label="Pareto front")
+        teacher = [j for j, r in enumerate(rows) if r["label"] == "teacher"]
+        ax.scatter([xs[j] for j in teacher], [values[j] for j in teacher], marker="*", s=160, color="tab:red", zorder=4, label="teacher")
+        ax.legend(fontsize="small")
+    fig.suptitle("The student family: quality against cost")
     return _save(fig, path)
+
+
+def pareto_front(costs: Sequence[float], values: Sequence[float]) -> list[int]:
+    """Indices of the points no other point dominates (costs no more and is worth at least as much,
+    strictly better in one; higher values are better), ordered by cost."""
+    points = list(zip(costs, values))
+    front = [
+        i for i, (c, v) in enumerate(points)
+        if not any(c2 <= c and v2 >= v and (c2, v2) != (c, v) for c2, v2 in points)
+    ]
+    return sorted(front, key=lambda i: costs[i])
 
 
 def plot_head_heatmaps(statistics: Mapping[str, Mapping], path: str | Path, title: str = "Teacher attention per layer and head") -> Path:

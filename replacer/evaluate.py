@@ -113,18 +113,25 @@ def write_figures(
     written.append(analysis.plot_accuracy_vs_params([p for p in points if p["value"] == p["value"]], folder / "quality_vs_params.png", name))
     budgets = budget_rows(metrics, task)
     if len(budgets) > 1:
-        written.append(analysis.plot_budgets(budgets, folder / "pruning_budgets.png", name))
+        written.append(analysis.plot_budgets(budgets, folder / "pruning_budgets.png", name, task.higher_is_better))
     return written
 
 
 def budget_rows(metrics: dict[str, Any], task: Task) -> list[dict[str, Any]]:
-    """The tuned student and its pruned students: mixer params, quality and CPU latency at the first timed batch size."""
+    """The teacher, then the tuned student and its pruned students: parameters (and x teacher), quality, and
+    CPU latency (and x teacher) at the first timed batch size."""
     names = budget_family(list(metrics["fidelity"]))
+    if not names:
+        return []
     size, latency = next(iter(metrics.get("latency_ms", {}).items()), (None, None))
-    rows = []
+    params = metrics["params"]
+    teacher_value = task.quality(metrics["fidelity"][names[0]])[1]
+    rows = [{"label": "teacher", "params": params["teacher"], "params_x": 1.0, "value": teacher_value}]
     for name in names:
-        row = {"label": name, "mixer_params": metrics["mixer_params"][name], "value": task.quality(metrics["fidelity"][name])[2]}
-        if latency:
-            row["latency_ms"], row["latency_batch"] = latency[name], size
-        rows.append(row)
-    return rows
+        rows.append({"label": name, "params": params[name], "params_x": params[name] / params["teacher"],
+                     "value": task.quality(metrics["fidelity"][name])[2]})
+    if latency:
+        for row in rows:
+            ms = latency[row["label"]]
+            row.update(latency_ms=ms, latency_x=ms / latency["teacher"], latency_batch=size)
+    return [r for r in rows if r["value"] == r["value"]]  # a task without a teacher value plots the students

@@ -190,8 +190,16 @@ class PruneSpec(Strict):
     enabled: bool = Field(False, description="run the stage: a family of smaller students, one per budget")
     budgets: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
         [0.75, 0.5], min_length=1,
-        description="fractions of the tuned mixers' parameters (or of its CPU latency, see target) to keep; "
-        "each budget starts from the next larger one",
+        description="fractions of the tuned student's parameters (its mixers', or the whole model's, see scope) "
+        "or of its CPU latency (see target) to keep; each budget starts from the next larger one",
+    )
+    scope: Literal["mixers", "model"] = Field(
+        "mixers", description="what is cut and what parameter budgets are fractions of: the mixers alone, or the whole "
+        "model (also every block's MLP hidden channels and the kept heads of head-level hybrids, in one ranking)",
+    )
+    normalise: bool = Field(
+        True, description="scope model: divide each group's importance by the mean of its kind (mixer units, MLP "
+        "channels, kv heads) so kinds compete on one scale; false ranks raw scores",
     )
     target: Literal["params", "latency"] = Field(
         "params", description="what budgets are fractions of: mixer parameters, or the tuned student's CPU latency "

@@ -111,22 +111,30 @@ def _pruning(report: dict[str, Any]) -> list[str]:
     size = next(iter(latency), None)
     searched = report["stages"].get("prune", {}).get("budgets", {})
     by_latency = any("target_ms" in b for b in searched.values())
+    whole = any(b.get("scope") == "model" for b in searched.values())
     header = ["model", "mixer params", "x tuned mixers", "params", "x teacher", headline]
+    header += ["groups cut (mixer / MLP / heads)"] if whole else []
     header += [f"CPU ms (batch {size})", "x tuned", "x teacher"] if size else []
     header += ["pruning: target ms", "pruning: timed ms"] if by_latency else []
     rows = []
     for name in names:
         row = [name, mixers[name], mixers[name] / mixers["distilled"], params[name], params[name] / params["teacher"],
                report["fidelity"][name][headline]]
+        if whole:
+            kinds = searched.get(name, {}).get("removed_by_kind", {})
+            row.append(" / ".join(str(kinds.get(k, 0)) for k in ("mixer", "feed-forward", "attention heads")) if kinds else "")
         if size:
             ms = latency[size]
             row += [ms[name], ms[name] / ms["distilled"], ms[name] / ms["teacher"]]
         if by_latency:
             row += [searched.get(name, {}).get("target_ms", ""), searched.get(name, {}).get("latency_ms", "")]
         rows.append(row)
+    cut = "the whole model's parameters" if whole else "mixer parameters"
     what = (
-        "the tuned student's CPU latency (the most mixer parameters whose pruned copy, timed while pruning, ran within "
-        "it; evaluation times every model again)" if by_latency else "the tuned mixers' parameters"
+        f"the tuned student's CPU latency (the most {cut} whose pruned copy, timed while pruning, ran within "
+        "it; evaluation times every model again)" if by_latency else
+        "the tuned student's parameters (mixer units, MLP hidden channels and hybrids' kept heads in one ranking)"
+        if whole else "the tuned mixers' parameters"
     )
     return [
         "## Pruning budgets",

@@ -54,6 +54,9 @@ class Task(abc.ABC):
         """(name, teacher's value, student's value) of the figure plotted against model size."""
         return self.headline, float("nan"), fidelity[self.headline]
 
+    higher_is_better: bool = True
+    """Whether a larger `quality` value is better (perplexity: no)."""
+
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(values.dtype)
@@ -180,6 +183,8 @@ class CausalLMTask(Task):
         mask = batch["attention_mask"][:, 1:].bool()
         losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), batch["input_ids"][:, 1:], reduction="none")
         return losses[mask]
+
+    higher_is_better = False
 
     def quality(self, fidelity: dict[str, float]) -> tuple[str, float, float]:
         return "perplexity", fidelity["teacher_perplexity"], fidelity["student_perplexity"]

@@ -10,6 +10,7 @@ from typing import ContextManager, Iterator
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from replacer.errors import UnsupportedCallError
 from replacer.graph.adapter import Adapter, ReplacedAttention, Unsupported, padding_from_attention_mask
@@ -99,7 +100,10 @@ def _top_k_attention(module: nn.Module, top_k: int) -> Iterator[None]:
 
 class HFAdapter(Adapter):
     """What every transformers adapter shares: attention recorded and sparsified through the model's
-    attention interface (eager for recording, replacer's top-k function for sparsifying)."""
+    attention interface (eager for recording, replacer's top-k function for sparsifying), and MLPs that may be
+    built of transformers' `Conv1D` (GPT-2 and its descendants: a linear map whose weight is (in, out))."""
+
+    linear_classes = (Conv1D,)
 
     def record_attention(self, module: nn.Module) -> ContextManager[list[torch.Tensor]]:
         return _record_eager_attention(module)

@@ -4,7 +4,8 @@ and the replaced heads run a mixer; both are joined in head order before the out
 The kept heads' query rows and the key/value rows of the kv heads they read are sliced out of the
 original projections, so with grouped-query attention a kv head whose query heads are all replaced
 disappears, and the layer's KV cache holds only the kept kv heads. The mixer's state rides in the
-same cache slot.
+same cache slot. Whole-model pruning can cut kept kv heads, each with the query heads that read it
+(`prunable_groups`), so the cache shrinks further; which heads remain is kept in two buffers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from replacer.errors import UnsupportedCallError
 from replacer.graph.adapter import Unsupported, padding_from_attention_mask
 from replacer.graph.site import Site, head_rows
-from replacer.mixer import Mixer
+from replacer.mixer import Mixer, PruneGroup
 from replacer_transformers.convention import HFReplacedAttention
 from replacer_transformers.cache import HybridCacheLayer, cache_from_call, state_slot
 
@@ -73,18 +74,59 @@ class HFHybridAttention(HFReplacedAttention):
             raise Unsupported(f"{site.name}: head-level hybrids do not support q/k norms or sliding windows yet")
         hd, group = site.head_dim, site.num_heads // site.num_kv_heads
         self.replaced = sorted(replaced)
-        self.kept = [h for h in range(site.num_heads) if h not in set(self.replaced)]
-        self.kept_kv = sorted({h // group for h in self.kept})
+        kept = [h for h in range(site.num_heads) if h not in set(self.replaced)]
+        kept_kv = sorted({h // group for h in kept})
         q, k, v = (getattr(original, name) for name in projections)
-        self.q_proj, self.k_proj, self.v_proj = _rows(q, self.kept, hd), _rows(k, self.kept_kv, hd), _rows(v, self.kept_kv, hd)
-        self.register_buffer("kv_of_kept", torch.tensor([self.kept_kv.index(h // group) for h in self.kept]), persistent=False)
+        self.q_proj, self.k_proj, self.v_proj = _rows(q, kept, hd), _rows(k, kept_kv, hd), _rows(v, kept_kv, hd)
+        self.register_buffer("kept_heads", torch.tensor(kept, dtype=torch.long))  # original ids, in q_proj's row order
+        self.register_buffer("kv_heads", torch.tensor(kept_kv, dtype=torch.long))  # original ids, in k/v_proj's order
         self.scaling = getattr(original, "scaling", hd**-0.5)
         takes_rope = "position_embeddings" in inspect.signature(original.forward).parameters
         self._rotary = getattr(sys.modules[type(original).__module__], "apply_rotary_pos_emb", None) if takes_rope else None
         self.mixes_alone = not takes_rope
 
+    @property
+    def kept(self) -> list[int]:
+        return self.kept_heads.tolist()
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, attention heads={self.kept}, mixer heads={self.replaced}, kv heads kept={self.kept_kv}"
+        return f"{super().extra_repr()}, attention heads={self.kept}, mixer heads={self.replaced}, kv heads kept={self.kv_heads.tolist()}"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in ("kept_heads", "kv_heads"):  # saved before kept heads could be pruned: all heads kept
+            state_dict.setdefault(prefix + name, getattr(self, name))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """(kv slot each kept head reads, kept heads' and mixer heads' places among the heads the output
+        projection reads, how many heads it reads): what pruning kept heads changes."""
+        group = self.site.num_heads // self.site.num_kv_heads
+        kv_of_kept = (self.kept_heads[:, None] // group == self.kv_heads[None, :]).int().argmax(1)
+        replaced = torch.tensor(self.replaced, dtype=torch.long, device=self.kept_heads.device)
+        order = torch.cat([self.kept_heads, replaced]).sort().values
+        return kv_of_kept, torch.searchsorted(order, self.kept_heads), torch.searchsorted(order, replaced), len(order)
+
+    def prunable_groups(self) -> list[PruneGroup]:
+        """One group per kept kv head: its key and value rows, the query rows of the kept heads that read it,
+        and their columns of the output projection (absent when the projection lives outside the site, as in
+        BERT, whose kept heads then stay)."""
+        out = self._tail[0] if self._tail else None
+        if out is None or not isinstance(getattr(self, out), nn.Linear):
+            return []
+        hd = self.site.head_dim
+        kv_of_kept, kept_slots, _, _ = self._layout()
+        groups = []
+        for slot, kv in enumerate(self.kv_heads.tolist()):
+            members = [i for i, k in enumerate(kv_of_kept.tolist()) if k == slot]
+            q_rows = tuple(r for i in members for r in range(i * hd, (i + 1) * hd))
+            kv_rows = tuple(range(slot * hd, (slot + 1) * hd))
+            columns = tuple(c for i in members for c in range(int(kept_slots[i]) * hd, (int(kept_slots[i]) + 1) * hd))
+            slices = [("q_proj.weight", 0, q_rows), ("k_proj.weight", 0, kv_rows), ("v_proj.weight", 0, kv_rows),
+                      (f"{out}.weight", 1, columns), ("kept_heads", 0, tuple(members)), ("kv_heads", 0, (slot,))]
+            slices += [(f"{name}.bias", 0, rows) for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows))
+                       if getattr(self, name).bias is not None]
+            groups.append(PruneGroup(f"kv head {kv}", f"{self.site.name} kept heads", tuple(slices), "kept heads"))
+        return groups
 
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         if not self.mixes_alone:
@@ -109,7 +151,8 @@ class HFHybridAttention(HFReplacedAttention):
         layer = state_slot(cache, self.cache_index, HybridCacheLayer) if cache is not None and self.site.causal else None
         if layer is not None:
             k, v = layer.update(k, v)
-        k, v = k.index_select(1, self.kv_of_kept), v.index_select(1, self.kv_of_kept)
+        kv_of_kept, kept_slots, replaced_slots, width = self._layout()
+        k, v = k.index_select(1, kv_of_kept), v.index_select(1, kv_of_kept)
         length = k.shape[-2]
         mask = attention_mask
         if mask is not None:
@@ -117,13 +160,13 @@ class HFHybridAttention(HFReplacedAttention):
         elif self.site.causal and N > 1 and length > N:  # a later chunk of a causal prefill
             mask = torch.ones(N, length, dtype=torch.bool, device=x.device).tril(length - N)
         attended = attend(q, k, v, mask, causal=self.site.causal and mask is None and N > 1, scale=self.scaling)
-        heads = x.new_zeros(B, N, self.site.num_heads, hd)
-        heads[:, :, self.kept] = attended
+        heads = x.new_zeros(B, N, width, hd)
+        heads[:, :, kept_slots] = attended
         if self.replaced:
             padding = padding_from_attention_mask(attention_mask, B, N)
             if layer is not None:
                 mixed, layer.state = self.mixer.forward_stateful(x, layer.state, padding)
             else:
                 mixed = self.mixer(x, padding)
-            heads[:, :, self.replaced] = mixed.view(B, N, len(self.replaced), hd)
+            heads[:, :, replaced_slots] = mixed.view(B, N, len(self.replaced), hd)
         return self.project(heads.reshape(B, N, -1))

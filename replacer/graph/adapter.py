@@ -9,8 +9,9 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
+from replacer.graph.feed_forward import FeedForward, NoFeedForward, find_feed_forward
 from replacer.graph.site import LinearWeights, Site
-from replacer.mixer import Mixer
+from replacer.mixer import Mixer, PruneGroup
 
 
 class Unsupported(Exception):
@@ -54,6 +55,19 @@ class Adapter(abc.ABC):
         """While active, every query of `module` attends only to its `top_k` highest-scoring keys."""
         raise Unsupported(f"adapter '{self.name}' cannot make its attention sparse")
 
+    linear_classes: tuple[type, ...] = ()
+    """Classes besides `nn.Linear` that this family's MLPs are built of, storing their weight as (in, out)."""
+
+    def feed_forward(self, model: nn.Module, site: Site, sites: set[str], attention: set[str]) -> FeedForward:
+        """The MLP of the block `site` sits in (whole-model pruning cuts its hidden channels), or raise
+        `Unsupported(reason)`. `sites` names every attention site of `model`, `attention` other
+        attention-like modules (unsupported ones). The default finds the MLP from the block's shapes
+        (`replacer.graph.feed_forward`); a family whose MLP that misreads overrides this."""
+        try:
+            return find_feed_forward(model, site.name, site.d_model, sites, attention, self.linear_classes)
+        except NoFeedForward as why:
+            raise Unsupported(str(why)) from None
+
 
 class ReplacedAttention(nn.Module):
     """Holds a mixer plus the parts of the original attention that are kept (its output projection).
@@ -87,6 +101,11 @@ class ReplacedAttention(nn.Module):
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         """What the original module's main output would be, laid out like `read_call`'s input: mixer, then
         the kept output path."""
+
+    def prunable_groups(self) -> list[PruneGroup]:
+        """Groups of the kept parts (a hybrid's attention heads), slices named relative to this module;
+        whole-model pruning ranks them beside the mixer's. None by default."""
+        return []
 
     def read_output(self, output: Any) -> torch.Tensor:
         """The original module's main output laid out as `mix` returns it (the first of a tuple by default;

@@ -3,6 +3,7 @@ least important physically, and keep a record so `replacer.load` rebuilds the sm
 
     from replacer.pruning import prune
     result = prune(student, params=0.7)          # 70% of the mixers' parameters stay
+    result = prune(student, params=0.7, scope="model")  # 70% of the whole model's: MLP channels and kept heads too
     result = prune(student, latency=0.8, measure=time_it)  # or: as many as run in 80% of the time
     replacer.save(student, "pruned")              # loads back with the pruned shapes
 """
@@ -10,7 +11,7 @@ least important physically, and keep a record so `replacer.load` rebuilds the sm
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
@@ -18,8 +19,8 @@ from torch import nn
 
 from replacer.graph.adapter import site_wrappers
 from replacer.errors import ReplacerError
-from replacer.pruning.groups import GroupIndex, apply_shapes, shrink
-from replacer.pruning.importance import Importance, hoyer_square, magnitude, taylor
+from replacer.pruning.groups import GroupIndex, ParameterCount, Scope, apply_shapes, feed_forwards, shrink
+from replacer.pruning.importance import Importance, hoyer_square, magnitude, per_kind, taylor
 from replacer.pruning.latency import LatencyFit, Measure, fit_latency
 from replacer.pruning.ranking import choose
 
@@ -29,7 +30,10 @@ class PruneResult:
     mixer_params_before: int
     mixer_params_after: int
     removed_groups: int
-    removed_by_site: dict[str, int]
+    removed_by_site: dict[str, int]  # by owner: a site, or a block for its MLP channels
+    params_before: int = 0  # the whole model's
+    params_after: int = 0
+    removed_by_kind: dict[str, int] = field(default_factory=dict)  # mixer, attention heads, feed-forward
     latency: LatencyFit | None = None  # with a latency budget: what the search measured
 
 
@@ -38,15 +42,43 @@ def mixer_parameters(model: nn.Module) -> int:
     return sum(p.numel() for w in site_wrappers(model).values() for p in w.mixer.parameters())
 
 
-def importance_scores(index: GroupIndex, importance: Importance, losses: Iterable[Callable[[], torch.Tensor]] | None) -> torch.Tensor:
-    """One score per group of `index` (lower goes first)."""
+def model_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def importance_scores(
+    index: GroupIndex, importance: Importance, losses: Iterable[Callable[[], torch.Tensor]] | None, normalise: bool = True
+) -> torch.Tensor:
+    """One score per group of `index` (lower goes first); with `normalise`, comparable across part kinds
+    (`replacer.pruning.importance.per_kind`)."""
     if importance == "taylor":
         if losses is None:
             raise ReplacerError("importance='taylor' needs losses: callables that return a loss on a batch")
-        return taylor(index, losses)
-    if importance in ("magnitude", "hoyer"):
-        return magnitude(index)
-    raise ReplacerError(f"unknown importance {importance!r}; choose magnitude, taylor or hoyer")
+        scores = taylor(index, losses)
+    elif importance in ("magnitude", "hoyer"):
+        scores = magnitude(index)
+    else:
+        raise ReplacerError(f"unknown importance {importance!r}; choose magnitude, taylor or hoyer")
+    return per_kind(index, scores) if normalise else scores
+
+
+def index_target(model: nn.Module, index: GroupIndex, budget: float | int, scope: Scope) -> int:
+    """The parameter count `index`'s tensors must reach so that the model meets `budget`: a fraction in
+    (0, 1] or a count, of the mixers' parameters (`scope="mixers"`) or of the whole model's (`"model"`)."""
+    if isinstance(budget, float) and not 0 < budget <= 1:
+        whose = "the whole model's" if scope == "model" else "the mixers'"
+        raise ReplacerError(f"params={budget}: give a fraction in (0, 1] of {whose} parameters or a count")
+    if scope == "mixers":
+        return round(budget * mixer_parameters(model)) if isinstance(budget, float) else budget
+    total = model_parameters(model)
+    target = round(budget * total) if isinstance(budget, float) else budget
+    fixed = total - ParameterCount(index).total  # what no group holds (embeddings, norms, ...) stays
+    if target <= fixed:
+        raise ReplacerError(
+            f"cannot prune the model to {target:,} parameters: {fixed:,} ({fixed / total:.0%} of it) sit outside every "
+            "prunable group (embeddings, norms, projections), so ask for a budget above that"
+        )
+    return target - fixed
 
 
 def prune(
@@ -57,6 +89,8 @@ def prune(
     uniform: bool = False,
     latency: float | None = None,
     measure: Measure | None = None,
+    scope: Scope = "mixers",
+    normalise: bool = True,
 ) -> PruneResult:
     """Shrink `model`'s mixers in place to `params` (a fraction (0, 1] of their current parameters, or a
     count) or to `latency` (a fraction (0, 1] of the model's current latency, as `measure` times it).
@@ -68,13 +102,18 @@ def prune(
     equal and compute falls with parameters (ranking single groups keeps more of what matters).
     A latency budget keeps the most parameters whose pruned model `measure` (model -> milliseconds)
     times within budget (`replacer.pruning.latency`); with `uniform` latency falls further.
+    `scope="model"` also ranks every block's MLP hidden channels and the kept attention heads of
+    head-level hybrids, and `params` is then a fraction (or count) of the whole model's parameters;
+    `normalise` makes the kinds' importances comparable (each divided by its kind's mean).
     """
     if getattr(model, "replacer_record", None) is None:
         raise ReplacerError("prune works on models returned by replacer.replace (or replacer.load)")
     if (params is None) == (latency is None):
         raise ReplacerError("prune needs exactly one budget: params (fraction or count) or latency (fraction)")
-    index = GroupIndex.of(model)
-    scores = importance_scores(index, importance, losses)
+    if scope not in ("mixers", "model"):
+        raise ReplacerError(f"scope={scope!r}: choose mixers (their parameters only) or model (MLP channels and kept heads too)")
+    index = GroupIndex.of(model, scope)
+    scores = importance_scores(index, importance, losses, normalise)
     fit = None
     if latency is not None:
         if not 0 < latency <= 1 or measure is None:
@@ -82,21 +121,17 @@ def prune(
         current_ms = measure(model)
         fit = fit_latency(model, index, scores, latency * current_ms, measure, uniform, current_ms=current_ms)
         target = fit.params
-    elif isinstance(params, float):
-        if not 0 < params <= 1:
-            raise ReplacerError(f"params={params}: give a fraction in (0, 1] of the mixers' parameters or a count")
-        target = round(params * mixer_parameters(model))
     else:
-        target = params
+        target = index_target(model, index, params, scope)
     return cut(model, index, scores, target, uniform, fit)
 
 
 def cut(
     model: nn.Module, index: GroupIndex, scores: torch.Tensor, params: int, uniform: bool = False, latency: LatencyFit | None = None
 ) -> PruneResult:
-    """Remove the groups `scores` ranks lowest until the mixers have at most `params` parameters (what
-    `prune` does once it has scores; callers that already scored the groups call it directly)."""
-    before = mixer_parameters(model)
+    """Remove the groups `scores` ranks lowest until `index`'s tensors hold at most `params` parameters
+    (what `prune` does once it has scores; callers that already scored the groups call it directly)."""
+    before, model_before = mixer_parameters(model), model_parameters(model)
     remove = choose(index, scores, params, uniform)
     model.replacer_record.setdefault("shapes", {}).update(shrink(model, index, remove))
     return PruneResult(
@@ -104,11 +139,14 @@ def cut(
         mixer_params_after=mixer_parameters(model),
         removed_groups=len(remove),
         removed_by_site=dict(Counter(index.sites[g] for g in remove)),
+        params_before=model_before,
+        params_after=model_parameters(model),
+        removed_by_kind=dict(Counter(index.kinds[g] for g in remove)),
         latency=latency,
     )
 
 
 __all__ = [
-    "GroupIndex", "Importance", "LatencyFit", "Measure", "PruneResult", "apply_shapes", "cut", "fit_latency",
-    "hoyer_square", "importance_scores", "mixer_parameters", "prune",
+    "GroupIndex", "Importance", "LatencyFit", "Measure", "PruneResult", "Scope", "apply_shapes", "cut", "feed_forwards",
+    "fit_latency", "hoyer_square", "importance_scores", "index_target", "mixer_parameters", "model_parameters", "prune",
 ]

@@ -10,32 +10,54 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import nn
 
-from replacer.graph.adapter import site_wrappers
+from replacer.graph.adapter import Unsupported, site_wrappers
+from replacer.graph.feed_forward import FeedForward
+from replacer.graph.scan import scan
 from replacer.errors import ReplacerError
 from replacer.mixer import Mixer, PruneGroup
+from replacer.plugins import get_registry
+
+Scope = Literal["mixers", "model"]
+
+
+@dataclass(frozen=True)
+class Part:
+    """Groups that belong together: one site's mixer, one hybrid's kept heads, or one block's MLP."""
+
+    owner: str  # the site or block the groups belong to
+    kind: str  # what they are (KINDS): their importances are compared after normalising per kind
+    prefix: str  # where the groups' tensor names start in the model
+    groups: list[PruneGroup]
+    tensors: dict[str, torch.Tensor]  # the part's parameters and buffers by name under `prefix`; parameters count
+
+
+KINDS = ("mixer", "attention heads", "feed-forward")
 
 
 @dataclass
 class GroupIndex:
-    """All groups of all replaced sites of a model, with global ids in site order."""
+    """All groups of the parts of a model, with global ids in part order."""
 
     groups: list[PruneGroup]
-    sites: list[str]  # the site of each group
-    prefixes: dict[str, str]  # site -> where its mixer's parameter names start in the model
-    params: dict[str, nn.Parameter]  # every mixer parameter, by its name in the model
-    buffers: dict[str, torch.Tensor]  # every mixer buffer (e.g. which output channels remain)
+    sites: list[str]  # the owner of each group (a site, or a block for MLP channels)
+    kinds: list[str]  # the part kind of each group
+    prefixes: list[str]  # where each group's tensor names start in the model
+    params: dict[str, nn.Parameter]  # every counted parameter, by its name in the model
+    buffers: dict[str, torch.Tensor]  # buffers cut with groups (e.g. which output channels remain)
     entries: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """(parameter, dim) -> (positions along dim, group id of each position)."""
 
     @classmethod
-    def of(cls, model: nn.Module) -> "GroupIndex":
-        """Every replaced site of a model; raises when none declares groups."""
-        mixers = {site: (f"{site}.mixer.", w.mixer) for site, w in site_wrappers(model).items()}
-        index = cls.of_mixers(mixers)
+    def of(cls, model: nn.Module, scope: Scope = "mixers") -> "GroupIndex":
+        """The replaced sites' mixers (`scope="mixers"`), or every prunable part of the model (`"model"`:
+        also each block's MLP channels and hybrids' kept heads); raises when nothing declares groups."""
+        parts = mixer_parts(model) if scope == "mixers" else model_parts(model)
+        index = cls.of_parts(parts)
         if not index.groups:
             raise ReplacerError("no replaced site declares prunable groups; prune a model replaced by lstm, gru or ssm")
         return index
@@ -43,24 +65,30 @@ class GroupIndex:
     @classmethod
     def of_mixers(cls, mixers: dict[str, tuple[str, Mixer]]) -> "GroupIndex":
         """Mixers by site name, each with the prefix of its parameter names in the model that holds them."""
-        groups, sites, params, buffers = [], [], {}, {}
+        return cls.of_parts([_mixer_part(site, prefix, mixer) for site, (prefix, mixer) in mixers.items()])
+
+    @classmethod
+    def of_parts(cls, parts: list[Part]) -> "GroupIndex":
+        groups, sites, kinds, prefixes, params, buffers = [], [], [], [], {}, {}
         raw: dict[tuple[str, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-        for site, (prefix, mixer) in mixers.items():
-            params.update({prefix + n: p for n, p in mixer.named_parameters()})
-            buffers.update({prefix + n: b for n, b in mixer.named_buffers()})
-            for group in mixer.prunable_groups():
+        for part in parts:
+            for name, tensor in part.tensors.items():
+                (params if isinstance(tensor, nn.Parameter) else buffers)[part.prefix + name] = tensor
+            for group in part.groups:
                 gid = len(groups)
                 groups.append(group)
-                sites.append(site)
+                sites.append(part.owner)
+                kinds.append(part.kind)
+                prefixes.append(part.prefix)
                 for name, dim, positions in group.slices:
-                    if prefix + name in buffers:
+                    if part.prefix + name in buffers:
                         continue  # cut with the group, but weighs nothing
-                    if prefix + name not in params:
-                        raise ReplacerError(f"{type(mixer).__name__} declares a group over unknown tensor {name!r}")
-                    pos, ids = raw[(prefix + name, dim)]
+                    if part.prefix + name not in params:
+                        raise ReplacerError(f"{part.owner} ({part.kind}) declares a group over unknown tensor {name!r}")
+                    pos, ids = raw[(part.prefix + name, dim)]
                     pos.extend(positions)
                     ids.extend([gid] * len(positions))
-        index = cls(groups, sites, {site: prefix for site, (prefix, _) in mixers.items()}, params, buffers)
+        index = cls(groups, sites, kinds, prefixes, params, buffers)
         index.entries = {key: (torch.tensor(pos), torch.tensor(ids)) for key, (pos, ids) in raw.items()}
         return index
 
@@ -69,7 +97,7 @@ class GroupIndex:
 
     def parameter_name(self, gid: int, name: str) -> str:
         """A group's slice parameter, named as in the model."""
-        return self.prefixes[self.sites[gid]] + name
+        return self.prefixes[gid] + name
 
     @torch.no_grad()
     def zero_(self, gids: list[int]) -> None:
@@ -99,8 +127,61 @@ class GroupIndex:
         return (self.group_sums({n: p.pow(2) for n, p in self.params.items()}) + 1e-12).sqrt()
 
     def site_ids(self) -> torch.Tensor:
-        order = {s: i for i, s in enumerate(dict.fromkeys(self.sites))}
-        return torch.tensor([order[s] for s in self.sites])
+        """An integer per group: which part (owner and kind) it belongs to."""
+        owners = list(zip(self.sites, self.kinds))
+        order = {o: i for i, o in enumerate(dict.fromkeys(owners))}
+        return torch.tensor([order[o] for o in owners])
+
+
+def _mixer_part(site: str, prefix: str, mixer: Mixer) -> Part:
+    tensors = {**dict(mixer.named_buffers()), **dict(mixer.named_parameters())}
+    return Part(site, "mixer", prefix, list(mixer.prunable_groups()), tensors)
+
+
+def mixer_parts(model: nn.Module) -> list[Part]:
+    """Every replaced site's mixer (its parameters all count, grouped or not: budgets are fractions of them)."""
+    return [_mixer_part(site, f"{site}.mixer.", w.mixer) for site, w in site_wrappers(model).items()]
+
+
+def _named_part(owner: str, kind: str, prefix: str, module: nn.Module, groups: list[PruneGroup]) -> Part:
+    """A part whose counted tensors are the ones its groups cut (the rest of `module` is not its to budget)."""
+    everything = {**dict(module.named_buffers()), **dict(module.named_parameters())}
+    named = {name for group in groups for name, _, _ in group.slices}
+    return Part(owner, kind, prefix, groups, {n: everything[n] for n in named if n in everything})
+
+
+def model_parts(model: nn.Module) -> list[Part]:
+    """Mixers, the kept heads of head-level hybrids, and the MLP of every block with attention (replaced
+    or not) that its adapter can find; a block whose MLP cannot be cut channel by channel is left whole."""
+    parts = mixer_parts(model)
+    for site, wrapper in site_wrappers(model).items():
+        groups = wrapper.prunable_groups()
+        if groups:
+            parts.append(_named_part(site, "attention heads", f"{site}.", wrapper, groups))
+    blocks = set()
+    for mlp in feed_forwards(model).values():
+        if isinstance(mlp, FeedForward) and mlp.block not in blocks:
+            blocks.add(mlp.block)
+            parts.append(_named_part(mlp.block, "feed-forward", f"{mlp.block}.", model.get_submodule(mlp.block), mlp.groups()))
+    return parts
+
+
+def feed_forwards(model: nn.Module) -> dict[str, FeedForward | str]:
+    """Per attention site (in layer order), the MLP its adapter finds in the site's block, or why there is none."""
+    found = scan(model)
+    adapters = {a.name: a for a in get_registry().adapters}
+    sites = sorted((*found.sites, *found.replaced), key=lambda s: s.layer_index)
+    names, unsupported = {s.name for s in sites}, {u.name for u in found.unsupported}
+    result: dict[str, FeedForward | str] = {}
+    for site in sites:
+        adapter = adapters.get(site.adapter)
+        try:
+            if adapter is None:
+                raise Unsupported(f"adapter '{site.adapter}' is not installed")
+            result[site.name] = adapter.feed_forward(model, site, names, unsupported)
+        except Unsupported as why:
+            result[site.name] = str(why)
+    return result
 
 
 class ParameterCount:
@@ -159,8 +240,10 @@ def _set_tensor(model: nn.Module, name: str, old: torch.Tensor, new: torch.Tenso
         setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
     else:
         owner.register_buffer(attr, new)
-    if isinstance(owner, nn.Linear) and attr == "weight":
+    if attr == "weight" and isinstance(owner, nn.Linear):
         owner.out_features, owner.in_features = new.shape
+    elif attr == "weight" and isinstance(getattr(owner, "nf", None), int):  # transformers' Conv1D: (in, out), width nf
+        owner.nf = new.shape[1]
 
 
 def apply_shapes(model: nn.Module, shapes: dict[str, list[int]]) -> None:

@@ -40,6 +40,28 @@ def taylor(index: GroupIndex, losses: Iterable[Callable[[], torch.Tensor]]) -> t
         return index.group_sums({n: p * grads[n] for n, p in params.items()}).abs()
 
 
+def per_kind(index: GroupIndex, scores: torch.Tensor) -> torch.Tensor:
+    """Scores divided by the mean score of their kind: the part's (mixer, attention heads, feed-forward)
+    and the group's within it (an LSTM's hidden units and input channels, MLP channels, kv heads).
+
+    Raw scores of different kinds are not on one scale: a weight norm grows with the number of weights
+    a group holds, and kinds differ in how their weights are initialised and trained. Normalised, a group
+    is ranked by how much it matters among its own kind, and one threshold applies to every kind. An index
+    of mixers alone is ranked as it always was, on raw scores.
+    """
+    if len(set(index.kinds)) < 2:
+        return scores
+    of_group = [(part, group.kind) for part, group in zip(index.kinds, index.groups)]
+    kinds = sorted(set(of_group))
+    normalised = scores.clone()
+    for kind in kinds:
+        members = torch.tensor([k == kind for k in of_group], device=scores.device)
+        mean = scores[members].mean()
+        if mean > 0:
+            normalised[members] = scores[members] / mean
+    return normalised
+
+
 def hoyer_square(index: GroupIndex) -> torch.Tensor:
     """Sum over sites of (sum of group norms)^2 / sum of squared group norms: small when few groups carry
     the weight. Scale-invariant, so it sparsifies without shrinking every weight (FAR, after Yang et al. 2020)."""

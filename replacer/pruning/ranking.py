@@ -67,6 +67,6 @@ def _choose_in_lockstep(index: GroupIndex, scores: torch.Tensor, target_params: 
 def _check_reached(count: ParameterCount, target_params: int) -> None:
     if count.total > target_params:
         raise ReplacerError(
-            f"cannot prune the mixers to {target_params:,} parameters: {count.total:,} remain when every structure "
-            "keeps one member; ask for a larger budget"
+            f"cannot prune the prunable groups' tensors to {target_params:,} parameters: {count.total:,} remain when "
+            "every structure keeps one member; ask for a larger budget"
         )

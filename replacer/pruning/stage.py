@@ -1,7 +1,7 @@
 """The recipe's prune stage: one tuned student in, a family of smaller students out, one per budget.
 
-Budgets are fractions of the tuned mixers' parameters, or (`target: latency`) of the tuned student's
-CPU latency, met by timing pruned copies (`replacer.pruning.latency`). The largest budget is cut from the tuned
+Budgets are fractions of the tuned student's parameters (its mixers', or with `scope: model` the whole
+model's, MLP channels and hybrids' kept heads then cut too), or (`target: latency`) of its CPU latency, met by timing pruned copies (`replacer.pruning.latency`). The largest budget is cut from the tuned
 student, each smaller one from the recovered student of the budget above it (gradual pruning loses
 less than one deep cut), and every cut is followed by end-to-end recovery distillation. Each
 budget's student is saved under `students/pruned-<percent>`, so a resumed run skips finished budgets.
@@ -21,7 +21,7 @@ from replacer.checkpoint import load, save
 from replacer.distill.end_to_end import student_loss, tune_end_to_end
 from replacer.distributed import SINGLE, World
 from replacer.errors import ReplacerError
-from replacer.pruning import GroupIndex, cut, hoyer_square, importance_scores, mixer_parameters
+from replacer.pruning import GroupIndex, cut, hoyer_square, importance_scores, index_target, mixer_parameters, model_parameters
 from replacer.pruning.latency import Measure, fit_latency
 from replacer.recipe import PruneSpec, TuneSpec
 from replacer.run_dir import HOYER, PRUNED_PREFIX
@@ -56,9 +56,11 @@ def prune_budgets(
     if spec.target == "latency" and measure is None:
         raise ValueError("latency budgets need a measure")
     folder.mkdir(parents=True, exist_ok=True)
-    recovery = tune.model_copy(update={"steps": spec.recovery_steps, "lr": spec.lr, "train": "mixers",
+    trained = "mixers" if spec.scope == "mixers" else "all"  # cut MLPs and heads recover too
+    recovery = tune.model_copy(update={"steps": spec.recovery_steps, "lr": spec.lr, "train": trained,
                                        "checkpoint_every": spec.checkpoint_every})
     tuned_params = mixer_parameters(student)
+    tuned_total = model_parameters(student)
     tuned_ms = measure(student) if spec.target == "latency" and world.is_main else None
     if spec.importance == "hoyer":
         student = _hoyer_regularised(student, teacher, base, task, plan, spec, recovery, folder, students, progress, log, world)
@@ -68,23 +70,25 @@ def prune_budgets(
         saved = students / name
         if (saved / "manifest.json").is_file():  # finished before an interruption
             student = load(saved, base=base)
-            results[name] = {"budget": budget, "mixer_params": mixer_parameters(student), "mixer_params_tuned": tuned_params}
+            results[name] = {"budget": budget, "scope": spec.scope, "mixer_params": mixer_parameters(student),
+                             "mixer_params_tuned": tuned_params, "params": model_parameters(student), "params_tuned": tuned_total}
             continue
         start = time.time()
         losses = None
         if spec.importance == "taylor":
             losses = [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(spec.taylor_batches)]
-        index = GroupIndex.of(student)
-        scores = importance_scores(index, spec.importance, losses)
+        index = GroupIndex.of(student, spec.scope)
+        scores = importance_scores(index, spec.importance, losses, spec.normalise)
         timing = {}
         if spec.target == "latency":
             timing = _fit_on_main(student, index, scores, spec, budget * tuned_ms if world.is_main else 0.0, measure, world)
             params = timing.pop("params")
             timing["tuned_ms"] = tuned_ms
         else:
-            params = round(budget * tuned_params)
+            params = index_target(student, index, round(budget * (tuned_params if spec.scope == "mixers" else tuned_total)), spec.scope)
         result = cut(student, index, scores, params, spec.uniform)
-        log({"stage": "prune", "budget": budget, "mixer_params": result.mixer_params_after, "removed_by_site": result.removed_by_site, **timing})
+        log({"stage": "prune", "budget": budget, "mixer_params": result.mixer_params_after, "params": result.params_after,
+             "removed_by_kind": result.removed_by_kind, "removed_by_site": result.removed_by_site, **timing})
         state = folder / f"{name}.state"
         if spec.recovery_steps:
             with progress.task(f"prune: recover {name}", spec.recovery_steps) as advance:
@@ -94,8 +98,9 @@ def prune_budgets(
             clear_state(state)
         world.barrier()
         results[name] = {
-            "budget": budget, "mixer_params": result.mixer_params_after, "mixer_params_tuned": tuned_params,
-            "removed_groups": result.removed_groups, "seconds": round(time.time() - start, 1), **timing,
+            "budget": budget, "scope": spec.scope, "mixer_params": result.mixer_params_after, "mixer_params_tuned": tuned_params,
+            "params": result.params_after, "params_tuned": tuned_total, "removed_groups": result.removed_groups,
+            "removed_by_kind": result.removed_by_kind, "seconds": round(time.time() - start, 1), **timing,
         }
     return results
 
@@ -126,7 +131,7 @@ def _hoyer_regularised(
     saved = students / HOYER
     if (saved / "manifest.json").is_file():
         return load(saved, base=base)
-    index = GroupIndex.of(student)
+    index = GroupIndex.of(student, spec.scope)
     state = folder / "hoyer.state"
     steps = recovery.model_copy(update={"steps": spec.hoyer_steps})
     with progress.task("prune: Hoyer-square group penalty", spec.hoyer_steps) as advance:
