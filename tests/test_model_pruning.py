@@ -278,3 +278,22 @@ def test_cutting_a_channel_equals_silencing_it_before_the_output_projection(fami
         shrink(model, index, gids)
         got = _outputs(model(*args, **kwargs))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_lockstep_cuts_reach_both_kinds_and_keep_every_mixer_head_equally_wide():
+    model = student("llama")
+    result = prune(model, params=0.7, scope="model", uniform=True)
+    assert result.removed_by_kind.get("mixer", 0) > 0 and result.removed_by_kind.get("feed-forward", 0) > 0
+    for layer in model.model.layers:
+        mixer = layer.self_attn.mixer
+        assert len(set(mixer.widths)) == 1 and len(set(mixer.input_widths)) == 1
+
+
+def test_a_latency_budget_over_the_whole_model_times_copies_cut_in_every_kind():
+    model = student("deit")
+    clock = lambda m: 1.0 + model_parameters(m) * 1e-5  # noqa: E731 - a stand-in for CPU timing
+    before = clock(model)
+    result = prune(model, latency=0.7, measure=clock, scope="model")
+    assert result.latency.latency_ms <= 0.7 * before and clock(model) == pytest.approx(result.latency.latency_ms)
+    assert clock(model) > 0.67 * before  # met closely: the most parameters within the budget
+    assert set(result.removed_by_kind) == {"mixer", "feed-forward"}

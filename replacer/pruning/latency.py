@@ -24,7 +24,7 @@ Measure = Callable[[nn.Module], float]
 
 @dataclass(frozen=True)
 class LatencyFit:
-    params: int  # the mixer parameters to prune to
+    params: int  # the parameters of the index's tensors to prune to
     latency_ms: float  # measured on a copy pruned to `params`
     target_ms: float
 
@@ -33,7 +33,7 @@ def fit_latency(
     model: nn.Module, index: GroupIndex, scores: torch.Tensor, target_ms: float, measure: Measure,
     uniform: bool = False, tolerance: float = 0.01, current_ms: float | None = None,
 ) -> LatencyFit:
-    """The largest mixer parameter count (within `tolerance` of all mixer parameters) whose pruned copy
+    """The largest parameter count of `index`'s tensors (within `tolerance` of all of them) whose pruned copy
     runs within `target_ms`; raises when even the deepest cut is too slow. `model` is not changed;
     `current_ms` is its latency when the caller has already timed it."""
     total = ParameterCount(index).total
@@ -53,8 +53,8 @@ def fit_latency(
     floor_ms, floor_params = timed(0)
     if floor_ms > target_ms:
         raise ReplacerError(
-            f"a latency of {target_ms:.2f} ms is out of reach: pruned as far as it goes ({floor_params:,} mixer "
-            f"parameters) the model still takes {floor_ms:.2f} ms (unpruned {current_ms:.2f} ms); ask for a larger "
+            f"a latency of {target_ms:.2f} ms is out of reach: pruned as far as it goes ({floor_params:,} parameters "
+            f"left in its prunable groups) the model still takes {floor_ms:.2f} ms (unpruned {current_ms:.2f} ms); ask for a larger "
             "latency budget, or time a larger batch (evaluate.latency_batch_sizes), where widths matter more"
         )
     low, low_ms, high = floor_params, floor_ms, total  # low meets the target, high does not

@@ -18,7 +18,9 @@ def choose(
     when that makes the target unreachable, `strict` raises, otherwise the deepest possible cut is returned.
 
     `uniform`: cut the families of one kind at a site in lockstep (each loses its own least important
-    member), so they keep equal widths and the site's compute shrinks with its parameters.
+    member), so they keep equal widths and the site's compute shrinks with its parameters. Steps rank by
+    their members' summed scores; when the index mixes part kinds (a step of one MLP channel against one
+    of six LSTM units) by the mean, so a step is not dearer for cutting more families at once.
     """
     if uniform:
         return _choose_in_lockstep(index, scores, target_params, strict)
@@ -42,6 +44,7 @@ def choose(
 def _choose_in_lockstep(index: GroupIndex, scores: torch.Tensor, target_params: int, strict: bool) -> list[int]:
     """Steps of one member per family of a (site, kind), ranked globally by the members' summed scores."""
     score = scores.detach().cpu().tolist()
+    mixed = len(set(index.kinds)) > 1
     families: dict[tuple[str, str], dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
     for gid, (site, group) in enumerate(zip(index.sites, index.groups)):
         families[(site, group.kind or group.family)][group.family].append(gid)
@@ -50,7 +53,8 @@ def _choose_in_lockstep(index: GroupIndex, scores: torch.Tensor, target_params: 
         ranked = [sorted(gids, key=score.__getitem__) for gids in members.values()]
         for depth in range(min(len(r) for r in ranked) - 1):  # every family keeps one member
             gids = [r[depth] for r in ranked]
-            steps.append((sum(score[g] for g in gids), depth, key, gids))
+            total = sum(score[g] for g in gids)
+            steps.append((total / len(gids) if mixed else total, depth, key, gids))
     count = ParameterCount(index)
     remove: list[int] = []
     for _, _, _, gids in sorted(steps, key=lambda step: step[:2]):  # a kind's steps come in depth order
