@@ -404,7 +404,7 @@ def plot_budgets(
         ax = fig.add_subplot(1, len(costs), i + 1)
         xs = [float(r[key]) for r in rows]
         _labelled_points(ax, xs, values, [str(r["label"]) for r in rows], label, metric_name, joined=False)
-        ax.xaxis.set_major_formatter("{x:.2f}")
+        ax.xaxis.set_major_formatter("{x:.3g}")
         front = pareto_front(xs, values if higher_is_better else [-v for v in values])
         ax.plot([xs[j] for j in front], [values[j] for j in front], color="tab:orange", lw=1.2, zorder=2, label="Pareto front")
         teacher = [j for j, r in enumerate(rows) if r["label"] == "teacher"]

@@ -116,7 +116,11 @@ def _pruning(report: dict[str, Any]) -> list[str]:
     header += ["groups cut (mixer / MLP / heads)"] if whole else []
     header += [f"CPU ms (batch {size})", "x tuned", "x teacher"] if size else []
     header += ["pruning: target ms", "pruning: timed ms"] if by_latency else []
-    rows = []
+    teacher = ["teacher", "", "", params["teacher"], 1.0, report["fidelity"][names[0]].get(f"teacher_{headline.removeprefix('student_')}", "")]
+    teacher += [""] if whole else []
+    teacher += [latency[size]["teacher"], "", 1.0] if size else []
+    teacher += ["", ""] if by_latency else []
+    rows = [teacher]
     for name in names:
         row = [name, mixers[name], mixers[name] / mixers["distilled"], params[name], params[name] / params["teacher"],
                report["fidelity"][name][headline]]
