@@ -229,11 +229,6 @@ def analyze(
     console.print(f"per head: {folder / RESULT}; heatmap: {folder / 'teacher_attention.png'}")
 
 
-def _check_source(source: Path) -> None:
-    if not source.is_dir():
-        raise ReplacerError(f"{source} is not a folder: give a run directory or a model saved by replacer")
-
-
 @app.command()
 @one_line_errors
 def export(
@@ -246,27 +241,14 @@ def export(
 ) -> None:
     """Write a converted model in another format (a folder `SentenceTransformer(OUT, trust_remote_code=True)` loads, ...)."""
     import replacer
-    from replacer.ecosystem import ModelContext
     from replacer.exporting import export_formats, export_into
-    from replacer.run_dir import RESOLVED_RECIPE, RunLayout
-    from replacer.tasks import task_kind
+    from replacer.saved_source import SavedSource
 
-    _check_source(source)
+    found = SavedSource.open(source, teacher, "--teacher SOURCE (its tokenizer and pooling)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ReplacerError(f"{out} already exists and is not an empty folder; export into a new one")
-    if (source / RESOLVED_RECIPE).is_file():
-        from replacer.inputs import export_context, is_text
-        from replacer.recipe import load_recipe
-
-        recipe = load_recipe(source / RESOLVED_RECIPE)
-        model = replacer.load(RunLayout(source).model, trust_remote_code=trust_remote_code)
-        context = export_context(recipe, task_kind(recipe.model.task, model, is_text(recipe)))
-        context = ModelContext(teacher or context.teacher_source, teacher or context.tokenizer_source, context.task, context.max_length)
-    else:
-        if teacher is None:
-            raise ReplacerError(f"{source} is a saved model, not a run: give --teacher SOURCE (its tokenizer and pooling)")
-        model = replacer.load(source, trust_remote_code=trust_remote_code)
-        context = ModelContext(teacher, teacher, task_kind("auto", model, True), max_length)
+    model = replacer.load(found.student_folder, trust_remote_code=trust_remote_code)
+    context = found.context(model, max_length)
     (exporter,) = export_formats([format_], context)
     written = export_into(exporter, model, out, context)
     console.print(f"exported {source} as {exporter.name} to {written}")
@@ -287,7 +269,6 @@ def evaluate(
     """Measure a student beside its teacher with an ecosystem's own tools; for a run, the figures join its report."""
     from replacer.evaluate_saved import evaluate_saved
 
-    _check_source(source)
     if (lm_eval is None) == (with_ is None):
         raise ReplacerError("give one of --lm-eval TASKS or --with EVALUATION")
     options = dict(_parse_option(o) for o in option or [])
