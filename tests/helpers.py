@@ -1,5 +1,5 @@
 """Helpers several test modules share: tiny text recipes (an encoder's, a decoder's), random word texts,
-an IDX writer."""
+an IDX writer, greedy decoding without a cache (the reference `generate` is held to)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import struct
 from pathlib import Path
 
 import numpy as np
+import torch
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
@@ -66,3 +67,12 @@ def write_idx(path: Path, array: np.ndarray, dtype: str, compress: bool = False)
     payload = header + data.tobytes()
     path.write_bytes(gzip.compress(payload) if compress else payload)
     return path
+
+
+@torch.no_grad()
+def greedy_without_cache(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The prompt and `new_tokens` greedy tokens, each from a full forward pass over everything so far."""
+    full = prompt
+    for _ in range(new_tokens):
+        full = torch.cat((full, model(full).logits[:, -1:].argmax(-1)), 1)
+    return full

@@ -7,6 +7,7 @@ import torch
 
 import replacer
 from conftest import tiny_llama
+from helpers import greedy_without_cache
 from replacer_transformers.cache import cache_bytes
 
 
@@ -42,9 +43,7 @@ def test_the_kv_cache_holds_only_kept_kv_heads_and_decoding_matches(heads, kv_ke
     prompt = ids(5)
     with torch.no_grad():
         out = student.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
-        full = prompt
-        for _ in range(6):
-            full = torch.cat((full, student(full).logits[:, -1:].argmax(-1)), 1)
+        full = greedy_without_cache(student, prompt, 6)
         teacher_out = model().generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
     assert torch.equal(out.sequences, full)
     held, dense = cache_bytes(out.past_key_values), cache_bytes(teacher_out.past_key_values)
