@@ -99,7 +99,15 @@ class HFHybridAttention(HFReplacedAttention):
 
     def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(kv slot each kept head reads, kept heads' and mixer heads' places among the heads the output
-        projection reads, how many heads it reads): what pruning kept heads changes."""
+        projection reads, how many heads it reads): what pruning kept heads changes. Worked out once per
+        state of the two buffers (pruning and `.to()` replace them), not on every decoding step."""
+        key = tuple((t.data_ptr(), t._version, len(t)) for t in (self.kept_heads, self.kv_heads))  # _version: in-place loads
+        cached = self.__dict__.get("_layout_cache")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_layout_cache"] = (key, self._work_out_layout())
+        return cached[1]
+
+    def _work_out_layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         group = self.site.num_heads // self.site.num_kv_heads
         kv_of_kept = (self.kept_heads[:, None] // group == self.kv_heads[None, :]).int().argmax(1)
         replaced = torch.tensor(self.replaced, dtype=torch.long, device=self.kept_heads.device)
