@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import ConcatDataset
 
+from replacer.distill.lora import lora_targets
 from replacer.errors import ModelSourceError, ReplacerError, SiteSelectionError, summary
 from replacer.ecosystem import ModelContext
 from replacer.exporting import export_formats
@@ -115,6 +116,8 @@ def preflight(recipe: Recipe) -> nn.Module:
     try:
         teacher = load_teacher(recipe.model)
         check_sites(recipe, teacher)
+        if recipe.tune.enabled and recipe.tune.train == "lora" and recipe.tune.lora.targets is not None:
+            lora_targets(teacher, recipe.tune.lora.targets)  # the student keeps these layers
         if recipe.export.enabled:
             export_formats(recipe.export.formats, export_context(recipe, task_kind(recipe.model.task, teacher, is_text(recipe))))
     except ReplacerError as exc:

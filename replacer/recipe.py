@@ -170,6 +170,16 @@ class DistillSpec(Strict):
         return self
 
 
+class LoraSpec(Strict):
+    rank: PositiveInt = Field(8, description="rank of each low-rank adapter")
+    alpha: float = Field(16.0, gt=0, description="adapter scale numerator: updates are scaled by alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    targets: list[str] | None = Field(
+        None, min_length=1, description="glob patterns over module names of the linear layers to adapt; default every "
+        "linear layer outside the mixers except the output head",
+    )
+
+
 class TuneSpec(Strict):
     enabled: bool = Field(True, description="run the stage")
     steps: int = Field(200, ge=0, description="optimizer steps")
@@ -177,7 +187,11 @@ class TuneSpec(Strict):
     other_lr_scale: float = Field(
         0.1, gt=0, description="learning rate of the other trained parameters, as a fraction of lr (pretrained weights move less)"
     )
-    train: Literal["mixers", "all"] | list[str] = Field("mixers", description="mixers, all, or glob patterns")
+    train: Literal["mixers", "all", "lora"] | list[str] = Field(
+        "mixers", description="mixers, all, lora (the mixers plus low-rank adapters on the kept linear layers, merged "
+        "into them before the student is saved), or glob patterns over parameter names",
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="the adapters of train: lora")
     kd_weight: float = Field(
         1.0, ge=0, description="weight of distillation from the teacher (logit KL, or embedding / hidden-state loss)"
     )

@@ -1,6 +1,7 @@
 """Run the `replacer` CLI and SIGKILL the process right after it logs one given training step.
 
-Used by the resume test: `python -m kill_at_step SITE STEP replacer-args...`. The kill lands at an
+Used by the resume tests: `python -m kill_at_step SITE STEP replacer-args...` (SITE: a distilled site,
+or an end-to-end stage such as `tune`). The kill lands at an
 exact point (not after a race with a polling parent), so the test is deterministic on any machine.
 """
 
@@ -19,7 +20,7 @@ def main() -> None:
 
     def log_then_maybe_die(self: RunDir, record: dict) -> None:
         original(self, record)
-        if record.get("site") == site and record.get("step") == step:
+        if record.get("site", record.get("stage")) == site and record.get("step") == step:
             os.kill(os.getpid(), signal.SIGKILL)
 
     RunDir.log = log_then_maybe_die

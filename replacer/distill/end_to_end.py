@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from replacer.batches import BatchPlan
+from replacer.distill.lora import add_lora, is_lora_parameter, merge_lora
 from replacer.distill.loop import train_loop
 from replacer.distributed import SINGLE, World
 from replacer.errors import ReplacerError
@@ -20,10 +21,13 @@ from replacer.progress import Advance
 
 
 def trainable_parameters(student: nn.Module, which: str | list[str]) -> dict[str, nn.Parameter]:
-    """`mixers` (default), `all`, or glob patterns over parameter names."""
+    """`mixers` (default), `all`, `lora` (the mixers and the adapters `add_lora` put in), or glob patterns
+    over parameter names."""
     named = dict(student.named_parameters())
     if which == "all":
         return named
+    if which == "lora":
+        return {n: p for n, p in named.items() if ".mixer." in f".{n}" or is_lora_parameter(n)}
     patterns = ["*.mixer.*"] if which == "mixers" else which
     chosen = {n: p for n, p in named.items() if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)}
     if not chosen:
@@ -50,7 +54,9 @@ def tune_end_to_end(
     """Train the chosen parameters, resuming from `state_path` (the caller clears it once the result is saved).
 
     `penalty` (a regulariser on the student's weights, e.g. pruning's Hoyer-square) is added to every
-    step's loss; `record` labels the logged losses (default: the tune stage).
+    step's loss; `record` labels the logged losses (default: the tune stage). With `spec.train == "lora"`
+    the kept linear layers get low-rank adapters, trained beside the mixers at the mixers' learning
+    rate and merged into their layers when training ends (`replacer.distill.lora`).
 
     Returns the mean loss of the last 10% of steps. Under torchrun the student runs under
     DistributedDataParallel and each rank takes its share of every batch, so the ranks together
@@ -58,12 +64,14 @@ def tune_end_to_end(
     """
     if plan.batch_size < world.size:
         raise ReplacerError(f"data.batch_size {plan.batch_size} is smaller than the {world.size} processes: raise it")
-    params = trainable_parameters(student, spec.train)
     saved_flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    if spec.train == "lora":
+        add_lora(student, spec.lora)
+    params = trainable_parameters(student, spec.train)
     for name, p in student.named_parameters():
         p.requires_grad_(name in params)
-    mixers = [p for n, p in params.items() if ".mixer." in f".{n}"]
-    others = [p for n, p in params.items() if ".mixer." not in f".{n}"]
+    mixers = [p for n, p in params.items() if ".mixer." in f".{n}" or is_lora_parameter(n)]
+    others = [p for n, p in params.items() if not (".mixer." in f".{n}" or is_lora_parameter(n))]
     groups = [{"params": mixers, "scale": 1.0}, {"params": others, "scale": spec.other_lr_scale}]
     optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=spec.lr)
     teacher.eval()
@@ -75,10 +83,13 @@ def tune_end_to_end(
         return loss if penalty is None else loss + penalty()
 
     try:
-        return train_loop(
+        loss = train_loop(
             params, optimizer, loss_at, spec.steps, spec.lr, spec.checkpoint_every, state_path,
             record or {"stage": "tune"}, advance, log, world,
         )
+        if spec.train == "lora":
+            merge_lora(student)
     finally:
         for name, p in student.named_parameters():
-            p.requires_grad_(saved_flags[name])
+            p.requires_grad_(saved_flags.get(name, False))
+    return loss
