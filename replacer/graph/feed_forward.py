@@ -100,7 +100,7 @@ def _in_block(
     """The MLP among `block`'s projections outside its attention module, None when it has no projection back to `d`."""
     maps = {}
     for name, module in block.named_modules():
-        if any(name == a or name.startswith(a + ".") for a in attention):
+        if _within(name, attention):
             continue
         shape = linear_shape(module, transposed)
         if shape is not None:
@@ -113,7 +113,7 @@ def _in_block(
         raise NoFeedForward(f"{where} has {len(outputs)} projections back to width {d} ({', '.join(outputs)}): "
                             "an MLP with experts or several branches is not cut channel by channel")
     out_name = outputs[0]
-    (m, _), out_transposed, out_module = maps[out_name]
+    (m, _), out_transposed, _ = maps[out_name]
     inputs = []
     for name, ((i, o), is_transposed, module) in maps.items():
         if name == out_name or (i == d and o == d):
@@ -126,9 +126,14 @@ def _in_block(
     projections = {p.name for p in inputs} | {out_name}
     for name, tensor in [*block.named_parameters(), *block.named_buffers()]:
         owner = name.rpartition(".")[0]
-        if owner in projections or any(owner == a or owner.startswith(a + ".") for a in attention):
+        if owner in projections or _within(owner, attention):
             continue
         if m in tensor.shape:
             raise NoFeedForward(f"{where}: {name} {tuple(tensor.shape)} runs over the {m} hidden channels (a norm or "
                                 "convolution between the projections), so channels cannot be cut one by one")
     return FeedForward(block_name, m, tuple(inputs), Projection(out_name, 0 if out_transposed else 1))
+
+
+def _within(name: str, modules: set[str]) -> bool:
+    """`name` is one of `modules` or inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
