@@ -184,3 +184,24 @@ def test_choice_is_restored_and_checked():
     assert fused.get_recurrence() == before
     with pytest.raises(ValueError, match="use one of auto, fused, reference"):
         fused.set_recurrence("fast")
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_recurrent_weight_gradients_do_not_depend_on_the_thread_count(plugin):
+    """The kernels sum weight and bias gradients in a fixed order, so a one-thread rank (torchrun) and a
+    two-thread process compute the same bits."""
+    mixer = _mixer(plugin, causal=False, hidden=7)
+    x = torch.randn(6, 13, 48)
+    mask = _mask(6, 13)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            grads.append(_run(mixer, "fused", x, mask)[3])
+    finally:
+        torch.set_num_threads(threads)
+    kernel_summed = [n for n in grads[0] if n.startswith(("weight_hh", "bias"))]
+    assert kernel_summed
+    for name in kernel_summed:
+        assert torch.equal(grads[0][name], grads[1][name]), name
