@@ -12,6 +12,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from replacer.allocator import keep_freed_memory
 import replacer
 from replacer import fused
 from replacer.evaluate import median_latency_ms
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--plugin", default="lstm")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does (replacer.allocator)
     table = Table(title=f"CPU ({torch.get_num_threads()} threads), median of {args.repeats}")
     for col in ("model", "batch", "variant", "params", "params ratio", "latency ms", "latency ratio"):
         table.add_column(col, justify="right" if col != "model" else "left")

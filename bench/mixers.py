@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from replacer.allocator import keep_freed_memory
 from replacer import fused
 from replacer.evaluate import median_latency_ms
 from replacer.graph.site import Site
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--plugins", nargs="+", default=["lstm", "gru", "ssm"])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does (replacer.allocator)
     registry = get_registry()
     table = Table(title=f"one block, batch 1, fp32, CPU ({torch.get_num_threads()} threads), median of {args.repeats}")
     for col in ("site", "tokens", "module", "ms", "x SDPA"):

@@ -16,8 +16,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from replacer.allocator import keep_freed_memory
 from replacer import fused
 from replacer.evaluate import median_ms
+from replacer.optimizers import adam
 from replacer.graph.site import Site
 from replacer.plugins import get_registry
 
@@ -32,6 +34,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
+    keep_freed_memory()  # as the command line does (replacer.allocator)
     torch.manual_seed(0)
     x, target = torch.randn(args.batch, args.tokens, 384), torch.randn(args.batch, args.tokens, 384)
     keep = torch.ones(args.batch, args.tokens, dtype=torch.bool)
@@ -43,7 +46,7 @@ def main() -> None:
     for plugin in args.plugins:
         spec = get_registry().mixer(plugin)
         mixer = spec.build(SITE, spec.validate_options({"hidden_per_head": 32}), None).train()
-        optimizer = torch.optim.Adam(mixer.parameters(), lr=1e-3)
+        optimizer = adam(mixer.parameters(), lr=1e-3)
 
         def step() -> None:
             optimizer.zero_grad(set_to_none=True)

@@ -25,16 +25,20 @@ errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 @app.callback()
-def _show_engine_notes() -> None:
-    """Engine notes (e.g. which scan kernel a mixer runs) go to stderr, one line each."""
+def _set_up_process() -> None:
+    """Engine notes (e.g. which scan kernel a mixer runs) go to stderr, one line each; the allocator
+    keeps freed blocks for the next training step (`replacer.allocator`)."""
     import logging
 
     from rich.logging import RichHandler
+
+    from replacer.allocator import keep_freed_memory
 
     logger = logging.getLogger("replacer")
     if not logger.handlers:
         logger.addHandler(RichHandler(console=errors, show_time=False, show_path=False))
         logger.setLevel(logging.INFO)
+    keep_freed_memory()
 
 
 def _fail(message: object, code: int = 2) -> NoReturn:

@@ -23,6 +23,7 @@ from replacer.errors import CheckpointError, ReplacerError, summary
 from replacer.files import write_atomically
 from replacer.recipe import Recipe
 from replacer.tasks import Task
+from replacer.optimizers import adamw
 from replacer.training_state import clear_state
 from replacer.progress import Advance
 
@@ -55,7 +56,7 @@ def obtain_teacher(
     folder.mkdir(parents=True, exist_ok=True)
     spec = recipe.teacher
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = adamw(params.values(), lr=spec.lr, weight_decay=spec.weight_decay)
     state = folder / "state"
 
     def loss_at(step: int) -> torch.Tensor:

@@ -28,6 +28,7 @@ from replacer.tasks import Task
 from replacer.distill.loop import train_loop
 from replacer.distributed import SINGLE, World
 from replacer.files import read_or_explain, write_atomically
+from replacer.optimizers import adam
 from replacer.training_state import clear_state
 from replacer.progress import Advance
 
@@ -87,7 +88,7 @@ def train_site(
     frozen = [p for n, p in wrapper.named_parameters() if not n.startswith("mixer.") and p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
-    optimizer = torch.optim.Adam(params.values(), lr=spec.lr)
+    optimizer = adam(params.values(), lr=spec.lr)
     order = BatchPlan(range(len(store)), 1, collate=lambda items: items[0], seed=seed)
 
     def loss_at(step: int) -> torch.Tensor:

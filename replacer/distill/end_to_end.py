@@ -15,6 +15,7 @@ from replacer.distill.lora import add_lora, is_lora_parameter, merge_lora
 from replacer.distill.loop import train_loop
 from replacer.distributed import SINGLE, World
 from replacer.errors import ReplacerError
+from replacer.optimizers import adam
 from replacer.recipe import TuneSpec
 from replacer.tasks import Batch, Task
 from replacer.progress import Advance
@@ -73,7 +74,7 @@ def tune_end_to_end(
     mixers = [p for n, p in params.items() if ".mixer." in f".{n}" or is_lora_parameter(n)]
     others = [p for n, p in params.items() if not (".mixer." in f".{n}" or is_lora_parameter(n))]
     groups = [{"params": mixers, "scale": 1.0}, {"params": others, "scale": spec.other_lr_scale}]
-    optimizer = torch.optim.Adam([g for g in groups if g["params"]], lr=spec.lr)
+    optimizer = adam([g for g in groups if g["params"]], lr=spec.lr)
     teacher.eval()
     student.eval()  # dropout off: the student should reproduce the teacher's deterministic function
     model = DistributedDataParallel(student, find_unused_parameters=True) if world.distributed else student
