@@ -11,7 +11,8 @@ A subclass supplies only its cell: how many gate blocks it has and one step of i
 
 Every group's weights are tensors of their own, so pruning (`replacer.pruning`) can give heads and
 directions different widths; a call pads them with zeros to the widest group, and a zero-padded
-unit stays exactly zero in both cells, so padding changes no output.
+unit stays exactly zero in both cells, so padding changes no output. The fused kernels run each
+group's recurrence at its own width (the input and merge products stay padded).
 """
 
 from __future__ import annotations
@@ -280,9 +281,10 @@ class MultiHeadRecurrence(ScanMixer):
 
     def fused_kernel(
         self, gx: torch.Tensor, bias: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
-        padding_mask: torch.Tensor | None,
+        widths: list[int], padding_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The whole time loop in one compiled kernel (layouts in `replacer.fused.numba_kernels`)."""
+        """The whole time loop in one compiled kernel (layouts in `replacer.fused.numba_kernels`); `widths`
+        are the groups' own hidden widths, so a pruned group costs its width, not the widest group's."""
         raise TypeError(f"{type(self).__name__} has no fused kernel")
 
     def takes_fused_path(self, x: torch.Tensor) -> bool:
@@ -305,7 +307,8 @@ class MultiHeadRecurrence(ScanMixer):
         w_ih = weights["weight_ih"].view(d, H, cm, K).permute(1, 2, 0, 3).reshape(H, cm, d * K)
         bias = weights["bias"].view(d, H, K).permute(1, 0, 2).reshape(H, d * K)
         mask = None if padding_mask is None else padding_mask.to(x.device, torch.bool)
-        hs, carried = self.fused_kernel(torch.bmm(heads_in, w_ih), bias, self._initial_state(x, state, h), weights, mask)
+        gx = torch.bmm(heads_in, w_ih)
+        hs, carried = self.fused_kernel(gx, bias, self._initial_state(x, state, h), weights, widths, mask)
         merge = weights["merge_weight"].view(d, H, h, self.head_dim).permute(1, 0, 2, 3).reshape(H, d * h, self.head_dim)
         y = torch.bmm(hs, merge).view(H, B, N, self.head_dim).permute(1, 2, 0, 3) + self.merge_bias
         return self._outputs(y, padding_mask), tuple(s.transpose(0, 1) for s in carried)

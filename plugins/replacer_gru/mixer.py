@@ -36,11 +36,11 @@ class MultiHeadGRU(MultiHeadRecurrence):
 
     def fused_kernel(
         self, gx: torch.Tensor, bias: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
-        padding_mask: torch.Tensor | None,
+        widths: list[int], padding_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         from replacer.fused.autograd import gru_scan
 
-        return gru_scan(gx, bias, weights["weight_hh"], weights["bias_hh"], carried, padding_mask, self.heads)
+        return gru_scan(gx, bias, weights["weight_hh"], weights["bias_hh"], widths, carried, padding_mask, self.heads)
 
 
 MultiHeadGRU.fused_cell = MultiHeadGRU.cell

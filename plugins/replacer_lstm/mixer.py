@@ -42,11 +42,11 @@ class MultiHeadLSTM(MultiHeadRecurrence):
 
     def fused_kernel(
         self, gx: torch.Tensor, bias: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
-        padding_mask: torch.Tensor | None,
+        widths: list[int], padding_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         from replacer.fused.autograd import lstm_scan
 
-        return lstm_scan(gx, bias, weights["weight_hh"], carried, padding_mask, self.heads)
+        return lstm_scan(gx, bias, weights["weight_hh"], widths, carried, padding_mask, self.heads)
 
 
 MultiHeadLSTM.fused_cell = MultiHeadLSTM.cell

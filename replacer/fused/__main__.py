@@ -28,10 +28,10 @@ def compile_kernels() -> float:
         state = tuple(torch.zeros(groups, batch, hidden) for _ in range(2 if scan is lstm_scan else 1))
         extra = () if scan is lstm_scan else (torch.zeros(groups, gates * hidden, requires_grad=True),)
         for padding in (None, mask):
-            hs, _ = scan(gx, bias, w, *extra, state, padding, heads)
+            hs, _ = scan(gx, bias, w, *extra, [hidden] * groups, state, padding, heads)
             hs.sum().backward()
             with torch.no_grad():
-                scan(gx, bias, w, *extra, state, padding, heads)
+                scan(gx, bias, w, *extra, [hidden] * groups, state, padding, heads)
     return time.perf_counter() - start
 
 

@@ -20,9 +20,18 @@ def _np(t: torch.Tensor):
     return t.detach().contiguous().numpy()
 
 
-def _threads() -> None:
-    """Numba's pool as wide as torch's, so a user's torch.set_num_threads governs both."""
+def _run(kernel, *args) -> None:
+    """Run a kernel with numba's pool as wide as torch's (so a user's torch.set_num_threads governs both),
+    handing out work items one at a time: with groups widest first, threads finish together."""
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    with numba.parallel_chunksize(1):
+        kernel(*args)
+
+
+def _groups(widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups' live widths and the groups in order of decreasing width (the kernels' work order)."""
+    live = torch.tensor(widths, dtype=torch.int64)
+    return live, torch.argsort(live, descending=True, stable=True)
 
 
 def _keep(padding_mask: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, bool]:
@@ -49,70 +58,69 @@ def _previous(h0: torch.Tensor, hs: torch.Tensor, batch: int) -> torch.Tensor:
     return before.view(heads, rows, width)
 
 
-def _weight_grads(h0: torch.Tensor, hs: torch.Tensor, dz: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _weight_grads(
+    h0: torch.Tensor, hs: torch.Tensor, dz: torch.Tensor, widths: torch.Tensor, order: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """d loss / d w `(G, h, K)` (the sum over sequences and steps of (state before the step)^T (gate
     gradient)) and the sum of the gate gradients `(G, K)`, in an order that no thread count changes."""
     before = _previous(h0, hs, batch)
     G, _, h = h0.shape
     K = dz.shape[-1] * hs.shape[0] // G
     dw, db = dz.new_empty(G, h, K), dz.new_empty(G, K)
-    kernels.weight_grads(_np(before), _np(dz), hs.shape[0], dw.numpy(), db.numpy())
+    _run(kernels.weight_grads, _np(before), _np(dz), widths.numpy(), order.numpy(), hs.shape[0], dw.numpy(), db.numpy())
     return dw, db
 
 
 class _LSTM(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, bias, w, h0, c0, keep, masked, heads):
+    def forward(ctx, gx, bias, w, widths, order, h0, c0, keep, masked, heads):
         G, B, H = h0.shape
         rows, d = gx.shape[1], G // heads
         hs, h_n, c_n = gx.new_empty(heads, rows, d * H), torch.empty_like(h0), torch.empty_like(c0)
         acts, cs = torch.empty_like(gx), gx.new_empty(heads, rows, d * H)
-        _threads()
-        kernels.lstm_forward(_np(gx), _np(bias), _np(w), _np(h0), _np(c0), keep.numpy(), masked, heads, True,
-                             hs.numpy(), h_n.numpy(), c_n.numpy(), acts.numpy(), cs.numpy())
-        ctx.save_for_backward(gx, bias, w, h0, c0, keep, acts, cs, hs)
+        _run(kernels.lstm_forward, _np(gx), _np(bias), _np(w), widths.numpy(), order.numpy(), _np(h0), _np(c0),
+             keep.numpy(), masked, heads, True, hs.numpy(), h_n.numpy(), c_n.numpy(), acts.numpy(), cs.numpy())
+        ctx.save_for_backward(gx, bias, w, widths, order, h0, c0, keep, acts, cs, hs)
         ctx.masked, ctx.heads = masked, heads
         return hs, h_n, c_n
 
     @staticmethod
     def backward(ctx, dhs, dh_n, dc_n):
-        gx, bias, w, h0, c0, keep, acts, cs, hs = ctx.saved_tensors
+        gx, bias, w, widths, order, h0, c0, keep, acts, cs, hs = ctx.saved_tensors
         dz, dgx, dh0, dc0 = torch.empty_like(gx), torch.empty_like(gx), torch.empty_like(h0), torch.empty_like(c0)
-        _threads()
-        kernels.lstm_backward(_np(gx), _np(bias), _np(w), _np(c0), keep.numpy(), ctx.masked, ctx.heads, acts.numpy(),
-                              cs.numpy(), _np(dhs), _np(dh_n), _np(dc_n), dz.numpy(), dgx.numpy(), dh0.numpy(), dc0.numpy())
-        dw = _weight_grads(h0, hs, dz, h0.shape[1])[0] if ctx.needs_input_grad[2] else None
-        return dgx, _row_sum(dgx), dw, dh0, dc0, None, None, None
+        _run(kernels.lstm_backward, _np(gx), _np(bias), _np(w), widths.numpy(), order.numpy(), _np(c0), keep.numpy(),
+             ctx.masked, ctx.heads, acts.numpy(), cs.numpy(), _np(dhs), _np(dh_n), _np(dc_n), dz.numpy(), dgx.numpy(),
+             dh0.numpy(), dc0.numpy())
+        dw = _weight_grads(h0, hs, dz, widths, order, h0.shape[1])[0] if ctx.needs_input_grad[2] else None
+        return dgx, _row_sum(dgx), dw, None, None, dh0, dc0, None, None, None
 
 
 class _GRU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, gx, bias, w, bias_hh, h0, keep, masked, heads):
+    def forward(ctx, gx, bias, w, widths, order, bias_hh, h0, keep, masked, heads):
         G, B, H = h0.shape
         rows, d = gx.shape[1], G // heads
         hs, h_n, acts = gx.new_empty(heads, rows, d * H), torch.empty_like(h0), gx.new_empty(heads, rows, d * 4 * H)
-        _threads()
-        kernels.gru_forward(_np(gx), _np(bias), _np(w), _np(bias_hh), _np(h0), keep.numpy(), masked, heads, True,
-                            hs.numpy(), h_n.numpy(), acts.numpy())
-        ctx.save_for_backward(gx, bias, w, h0, keep, acts, hs)
+        _run(kernels.gru_forward, _np(gx), _np(bias), _np(w), widths.numpy(), order.numpy(), _np(bias_hh), _np(h0),
+             keep.numpy(), masked, heads, True, hs.numpy(), h_n.numpy(), acts.numpy())
+        ctx.save_for_backward(gx, bias, w, widths, order, h0, keep, acts, hs)
         ctx.masked, ctx.heads = masked, heads
         return hs, h_n
 
     @staticmethod
     def backward(ctx, dhs, dh_n):
-        gx, bias, w, h0, keep, acts, hs = ctx.saved_tensors
+        gx, bias, w, widths, order, h0, keep, acts, hs = ctx.saved_tensors
         dgx, dgh, dh0 = torch.empty_like(gx), torch.empty_like(gx), torch.empty_like(h0)
-        _threads()
-        kernels.gru_backward(_np(gx), _np(bias), _np(w), _np(h0), keep.numpy(), ctx.masked, ctx.heads, acts.numpy(),
-                             hs.numpy(), _np(dhs), _np(dh_n), dgx.numpy(), dgh.numpy(), dh0.numpy())
-        dw, db_hh = _weight_grads(h0, hs, dgh, h0.shape[1])
-        return dgx, _row_sum(dgx), dw, db_hh, dh0, None, None, None
+        _run(kernels.gru_backward, _np(gx), _np(bias), _np(w), widths.numpy(), order.numpy(), _np(h0), keep.numpy(),
+             ctx.masked, ctx.heads, acts.numpy(), hs.numpy(), _np(dhs), _np(dh_n), dgx.numpy(), dgh.numpy(), dh0.numpy())
+        dw, db_hh = _weight_grads(h0, hs, dgh, widths, order, h0.shape[1])
+        return dgx, _row_sum(dgx), dw, None, None, db_hh, dh0, None, None, None
 
 
 def _row_sum(dgx: torch.Tensor) -> torch.Tensor:
     """The gate-input bias gradient `(H, d*K)`: `dgx` summed over rows, in an order no thread count changes."""
     sums = dgx.new_empty(dgx.shape[0], dgx.shape[2])
-    kernels.row_sums(_np(dgx), sums.numpy())
+    _run(kernels.row_sums, _np(dgx), sums.numpy())
     return sums
 
 
@@ -121,36 +129,40 @@ def _tracked(*tensors: torch.Tensor) -> bool:
 
 
 def lstm_scan(
-    gx: torch.Tensor, bias: torch.Tensor, w: torch.Tensor, state: State, padding_mask: torch.Tensor | None, heads: int
+    gx: torch.Tensor, bias: torch.Tensor, w: torch.Tensor, widths: list[int], state: State,
+    padding_mask: torch.Tensor | None, heads: int,
 ) -> tuple[torch.Tensor, State]:
-    """Outputs `(H, B*N, d*h)` and the final `(h, c)` `(G, B, h)` of a grouped LSTM."""
+    """Outputs `(H, B*N, d*h)` and the final `(h, c)` `(G, B, h)` of a grouped LSTM whose groups have
+    `widths` live units each (padded to the widest, h)."""
     h0, c0 = (s.contiguous() for s in state)
     keep, masked = _keep(padding_mask, h0.shape[1])
+    live, order = _groups(widths)
     if _tracked(gx, bias, w, h0, c0):
-        hs, h_n, c_n = _LSTM.apply(gx.contiguous(), bias.contiguous(), w.contiguous(), h0, c0, keep, masked, heads)
+        hs, h_n, c_n = _LSTM.apply(gx.contiguous(), bias.contiguous(), w.contiguous(), live, order, h0, c0, keep, masked,
+                                   heads)
         return hs, (h_n, c_n)
     G, _, H = h0.shape
     hs, h_n, c_n = gx.new_empty(heads, gx.shape[1], G // heads * H), torch.empty_like(h0), torch.empty_like(c0)
     unused = gx.new_empty(1, 1, 1)
-    _threads()
-    kernels.lstm_forward(_np(gx), _np(bias), _np(w), _np(h0), _np(c0), keep.numpy(), masked, heads, False,
-                         hs.numpy(), h_n.numpy(), c_n.numpy(), unused.numpy(), unused.numpy())
+    _run(kernels.lstm_forward, _np(gx), _np(bias), _np(w), live.numpy(), order.numpy(), _np(h0), _np(c0), keep.numpy(),
+         masked, heads, False, hs.numpy(), h_n.numpy(), c_n.numpy(), unused.numpy(), unused.numpy())
     return hs, (h_n, c_n)
 
 
 def gru_scan(
-    gx: torch.Tensor, bias: torch.Tensor, w: torch.Tensor, bias_hh: torch.Tensor, state: State,
+    gx: torch.Tensor, bias: torch.Tensor, w: torch.Tensor, bias_hh: torch.Tensor, widths: list[int], state: State,
     padding_mask: torch.Tensor | None, heads: int,
 ) -> tuple[torch.Tensor, State]:
-    """Outputs `(H, B*N, d*h)` and the final `(h,)` `(G, B, h)` of a grouped GRU."""
+    """Outputs `(H, B*N, d*h)` and the final `(h,)` `(G, B, h)` of a grouped GRU (groups as in `lstm_scan`)."""
     h0 = state[0].contiguous()
     keep, masked = _keep(padding_mask, h0.shape[1])
+    live, order = _groups(widths)
     if _tracked(gx, bias, w, bias_hh, h0):
-        hs, h_n = _GRU.apply(gx.contiguous(), bias.contiguous(), w.contiguous(), bias_hh.contiguous(), h0, keep, masked, heads)
+        hs, h_n = _GRU.apply(gx.contiguous(), bias.contiguous(), w.contiguous(), live, order, bias_hh.contiguous(), h0,
+                             keep, masked, heads)
         return hs, (h_n,)
     G, _, H = h0.shape
     hs, h_n = gx.new_empty(heads, gx.shape[1], G // heads * H), torch.empty_like(h0)
-    _threads()
-    kernels.gru_forward(_np(gx), _np(bias), _np(w), _np(bias_hh), _np(h0), keep.numpy(), masked, heads, False,
-                        hs.numpy(), h_n.numpy(), gx.new_empty(1, 1, 1).numpy())
+    _run(kernels.gru_forward, _np(gx), _np(bias), _np(w), live.numpy(), order.numpy(), _np(bias_hh), _np(h0),
+         keep.numpy(), masked, heads, False, hs.numpy(), h_n.numpy(), gx.new_empty(1, 1, 1).numpy())
     return hs, (h_n,)

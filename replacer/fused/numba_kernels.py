@@ -11,6 +11,9 @@ g // H, head g % H), B sequences of N steps, h hidden units and k gate blocks (K
 
 The G x B recurrences are independent, so one `prange` over them is the only parallel region: a few
 large chunks of work per call instead of thousands of tiny operations that each wait at a barrier.
+Groups may have different live widths `widths (G,)` (pruning ranks units one by one); each costs its
+own width, and `order (G,)` lists the groups widest first, which the callers hand out one work item
+at a time (numba's chunk size 1), so threads finish together however uneven the widths.
 Forward kernels optionally save what the backward needs; backward kernels return the gradients of
 the gate inputs and of the recurrent pre-activations (torch turns those into weight gradients with
 single large products) and of the initial state. The arithmetic is that of `MultiHeadLSTM.cell` and
@@ -59,11 +62,55 @@ def _sigmoid(x):
 
 
 @njit(inline="always", fastmath=True, error_model="numpy")
-def _gate_inputs(z, gx_row, bias_row, width):
-    """z = clamp(gx + bias, -GATE_BOUND, GATE_BOUND) for one step of one group."""
+def _gate_inputs(z, gx_row, bias_row, blocks, hidden, width):
+    """z = clamp(gx + bias, -GATE_BOUND, GATE_BOUND) for one step of one group, packed: each of the
+    `blocks` gate blocks (laid out `hidden` apart in gx and bias) keeps its first `width` units."""
     bound = np.float32(GATE_BOUND)
-    for q in range(width):
-        z[q] = min(max(gx_row[q] + bias_row[q], -bound), bound)
+    for b in range(blocks):
+        zb, xb, bb = z[b * width : (b + 1) * width], gx_row[b * hidden : b * hidden + width], bias_row[b * hidden : b * hidden + width]
+        for q in range(width):
+            zb[q] = min(max(xb[q] + bb[q], -bound), bound)
+
+
+@njit(inline="always")
+def _scatter(dst, src, blocks, hidden, width):
+    """The packed `src` (blocks x width) into `dst` laid out in blocks of `hidden`, zeros in the pruned units."""
+    for b in range(blocks):
+        dst[b * hidden : b * hidden + width] = src[b * width : (b + 1) * width]
+        dst[b * hidden + width : (b + 1) * hidden] = 0.0
+
+
+@njit(inline="always")
+def _units(dst, src, width):
+    """A state or output row of `hidden` units from a group's `width` live ones (zeros after them)."""
+    dst[:width] = src
+    dst[width:] = 0.0
+
+
+@njit(inline="always")
+def _packed(w, blocks, hidden, width):
+    """A group's recurrent weights `(hidden, blocks*hidden)`, padded to the widest group, as `(width,
+    blocks*width)`: a narrower (pruned) group then costs its own width, not the widest one's."""
+    if width == hidden:
+        return w
+    out = np.empty((width, blocks * width), np.float32)
+    for j in range(width):
+        for b in range(blocks):
+            out[j, b * width : (b + 1) * width] = w[j, b * hidden : b * hidden + width]
+    return out
+
+
+@njit(inline="always", fastmath=True, error_model="numpy")
+def _bounded_gradient(out, grad, gx_row, bias_row, blocks, hidden, width):
+    """d loss / d gate input: the packed `grad` where the clamp let the input through, else zero."""
+    bound = np.float32(GATE_BOUND)
+    for b in range(blocks):
+        ob, gb = out[b * hidden : b * hidden + width], grad[b * width : (b + 1) * width]
+        xb, bb = gx_row[b * hidden : b * hidden + width], bias_row[b * hidden : b * hidden + width]
+        for q in range(width):
+            v = xb[q] + bb[q]
+            ob[q] = gb[q] if -bound < v < bound else np.float32(0.0)
+        out[b * hidden + width : (b + 1) * hidden] = 0.0
 
 
 @njit(inline="always", fastmath=True, error_model="numpy")
@@ -109,76 +156,76 @@ def _step(s, n, direction):
 
 
 @njit(**OPTIONS)
-def lstm_forward(gx, bias, w, h0, c0, keep, masked, heads, save, hs, h_n, c_n, acts, cs):
+def lstm_forward(gx, bias, w, widths, order, h0, c0, keep, masked, heads, save, hs, h_n, c_n, acts, cs):
     G, B, H = h0.shape
     N = gx.shape[1] // B
     K = 4 * H
     for gb in prange(G * B):
-        g, b = gb // B, gb % B
+        g, b = order[gb // B], gb % B
         direction, head = g // heads, g % heads
-        gate0, unit0 = direction * K, direction * H
-        h = h0[g, b].copy()
-        c = c0[g, b].copy()
-        z = np.empty(K, np.float32)
-        wg = w[g]
+        gate0, unit0, W = direction * K, direction * H, widths[g]
+        wg, bias_row = _packed(w[g], 4, H, W), bias[head, gate0 : gate0 + K]
+        h = h0[g, b, :W].copy()
+        c = c0[g, b, :W].copy()
+        z = np.empty(4 * W, np.float32)
         for s in range(N):
             t = _step(s, N, direction)
             row = b * N + t
             if masked and keep[b, t] == 0:
-                hs[head, row, unit0 : unit0 + H] = h
+                _units(hs[head, row, unit0 : unit0 + H], h, W)
                 if save:
-                    cs[head, row, unit0 : unit0 + H] = c
+                    _units(cs[head, row, unit0 : unit0 + H], c, W)
                     acts[head, row, gate0 : gate0 + K] = 0.0
                 continue
-            _gate_inputs(z, gx[head, row, gate0 : gate0 + K], bias[head, gate0 : gate0 + K], K)
-            _recurrent(z, h, wg, H, K)
-            for q in range(3 * H):
+            _gate_inputs(z, gx[head, row, gate0 : gate0 + K], bias_row, 4, H, W)
+            _recurrent(z, h, wg, W, 4 * W)
+            for q in range(3 * W):
                 z[q] = _sigmoid(z[q])
-            candidates = z[3 * H :]  # loops start at 0: one starting elsewhere does not vectorise
-            for q in range(H):
+            candidates = z[3 * W :]  # loops start at 0: one starting elsewhere does not vectorise
+            for q in range(W):
                 candidates[q] = _tanh(candidates[q])
-            for q in range(H):
-                c[q] = z[H + q] * c[q] + z[q] * z[3 * H + q]
-                h[q] = z[2 * H + q] * _tanh(c[q])
-            hs[head, row, unit0 : unit0 + H] = h
+            for q in range(W):
+                c[q] = z[W + q] * c[q] + z[q] * z[3 * W + q]
+                h[q] = z[2 * W + q] * _tanh(c[q])
+            _units(hs[head, row, unit0 : unit0 + H], h, W)
             if save:
-                acts[head, row, gate0 : gate0 + K] = z
-                cs[head, row, unit0 : unit0 + H] = c
-        h_n[g, b] = h
-        c_n[g, b] = c
+                _scatter(acts[head, row, gate0 : gate0 + K], z, 4, H, W)
+                _units(cs[head, row, unit0 : unit0 + H], c, W)
+        _units(h_n[g, b], h, W)
+        _units(c_n[g, b], c, W)
 
 
 @njit(**OPTIONS)
-def lstm_backward(gx, bias, w, c0, keep, masked, heads, acts, cs, dhs, dh_n, dc_n, dz, dgx, dh0, dc0):
+def lstm_backward(gx, bias, w, widths, order, c0, keep, masked, heads, acts, cs, dhs, dh_n, dc_n, dz, dgx, dh0, dc0):
     """dz: gradients of the gate pre-activations; dgx: of the gate inputs (zero where they were bounded)."""
     G, B, H = c0.shape
     N = gx.shape[1] // B
     K = 4 * H
-    bound = np.float32(GATE_BOUND)
     for gb in prange(G * B):
-        g, b = gb // B, gb % B
+        g, b = order[gb // B], gb % B
         direction, head = g // heads, g % heads
-        gate0, unit0 = direction * K, direction * H
-        dh = dh_n[g, b].copy()
-        dc = dc_n[g, b].copy()
-        wg = w[g]
+        gate0, unit0, W = direction * K, direction * H, widths[g]
+        wg, bias_row = _packed(w[g], 4, H, W), bias[head, gate0 : gate0 + K]
+        dh = dh_n[g, b, :W].copy()
+        dc = dc_n[g, b, :W].copy()
+        dg = np.empty(4 * W, np.float32)
+        # views that start at 0, so the loops over units vectorise
+        di, df, do, dcand = dg[:W], dg[W : 2 * W], dg[2 * W : 3 * W], dg[3 * W :]
         for s in range(N - 1, -1, -1):
             t = _step(s, N, direction)
             row = b * N + t
-            for q in range(H):
-                dh[q] += dhs[head, row, unit0 + q]
+            incoming = dhs[head, row, unit0 : unit0 + W]
+            for q in range(W):
+                dh[q] += incoming[q]
             if masked and keep[b, t] == 0:
                 dz[head, row, gate0 : gate0 + K] = 0.0
                 dgx[head, row, gate0 : gate0 + K] = 0.0
                 continue
-            # views that start at 0, so the loop over units vectorises
-            ai, af = acts[head, row, gate0 : gate0 + H], acts[head, row, gate0 + H : gate0 + 2 * H]
-            ao, ac = acts[head, row, gate0 + 2 * H : gate0 + 3 * H], acts[head, row, gate0 + 3 * H : gate0 + K]
-            di, df = dz[head, row, gate0 : gate0 + H], dz[head, row, gate0 + H : gate0 + 2 * H]
-            do, dcand = dz[head, row, gate0 + 2 * H : gate0 + 3 * H], dz[head, row, gate0 + 3 * H : gate0 + K]
-            c_now = cs[head, row, unit0 : unit0 + H]
-            c_prev = cs[head, b * N + _step(s - 1, N, direction), unit0 : unit0 + H] if s > 0 else c0[g, b]
-            for q in range(H):
+            a = acts[head, row, gate0 : gate0 + K]
+            ai, af, ao, ac = a[:W], a[H : H + W], a[2 * H : 2 * H + W], a[3 * H : 3 * H + W]
+            c_now = cs[head, row, unit0 : unit0 + W]
+            c_prev = cs[head, b * N + _step(s - 1, N, direction), unit0 : unit0 + W] if s > 0 else c0[g, b, :W]
+            for q in range(W):
                 i, f, o, cand = ai[q], af[q], ao[q], ac[q]
                 tc = _tanh(c_now[q])
                 dct = dc[q] + dh[q] * o * (np.float32(1.0) - tc * tc)
@@ -187,87 +234,87 @@ def lstm_backward(gx, bias, w, c0, keep, masked, heads, acts, cs, dhs, dh_n, dc_
                 do[q] = dh[q] * tc * o * (np.float32(1.0) - o)
                 dcand[q] = dct * i * (np.float32(1.0) - cand * cand)
                 dc[q] = dct * f
-            x, bias_row = gx[head, row, gate0 : gate0 + K], bias[head, gate0 : gate0 + K]
-            out, dg = dgx[head, row, gate0 : gate0 + K], dz[head, row, gate0 : gate0 + K]
-            for q in range(K):
-                v = x[q] + bias_row[q]
-                out[q] = dg[q] if -bound < v < bound else np.float32(0.0)
-            _recurrent_transposed(dh, dg, wg, H, K)
-        dh0[g, b] = dh
-        dc0[g, b] = dc
+            _scatter(dz[head, row, gate0 : gate0 + K], dg, 4, H, W)
+            _bounded_gradient(dgx[head, row, gate0 : gate0 + K], dg, gx[head, row, gate0 : gate0 + K], bias_row, 4, H, W)
+            _recurrent_transposed(dh, dg, wg, W, 4 * W)
+        _units(dh0[g, b], dh, W)
+        _units(dc0[g, b], dc, W)
 
 
 @njit(**OPTIONS)
-def gru_forward(gx, bias, w, bias_hh, h0, keep, masked, heads, save, hs, h_n, acts):
+def gru_forward(gx, bias, w, widths, order, bias_hh, h0, keep, masked, heads, save, hs, h_n, acts):
     """acts per step and group: [r, z, n, h @ w_n + b_n] (4 blocks of h)."""
     G, B, H = h0.shape
     N = gx.shape[1] // B
     K = 3 * H
     for gb in prange(G * B):
-        g, b = gb // B, gb % B
+        g, b = order[gb // B], gb % B
         direction, head = g // heads, g % heads
-        gate0, unit0, act0 = direction * K, direction * H, direction * 4 * H
-        h = h0[g, b].copy()
-        x = np.empty(K, np.float32)
-        zh = np.empty(K, np.float32)
-        a = np.empty(4 * H, np.float32)
-        wg = w[g]
+        gate0, unit0, act0, W = direction * K, direction * H, direction * 4 * H, widths[g]
+        wg, bias_row = _packed(w[g], 3, H, W), bias[head, gate0 : gate0 + K]
+        recurrent_bias = np.empty(3 * W, np.float32)  # bias_hh[g], packed like the gates
+        for blk in range(3):
+            recurrent_bias[blk * W : (blk + 1) * W] = bias_hh[g, blk * H : blk * H + W]
+        h = h0[g, b, :W].copy()
+        x = np.empty(3 * W, np.float32)
+        zh = np.empty(3 * W, np.float32)
+        a = np.empty(4 * W, np.float32)
         for s in range(N):
             t = _step(s, N, direction)
             row = b * N + t
             if masked and keep[b, t] == 0:
-                hs[head, row, unit0 : unit0 + H] = h
+                _units(hs[head, row, unit0 : unit0 + H], h, W)
                 if save:
                     acts[head, row, act0 : act0 + 4 * H] = 0.0
                 continue
-            _gate_inputs(x, gx[head, row, gate0 : gate0 + K], bias[head, gate0 : gate0 + K], K)
-            zh[:] = bias_hh[g]
-            _recurrent(zh, h, wg, H, K)
-            for q in range(2 * H):
+            _gate_inputs(x, gx[head, row, gate0 : gate0 + K], bias_row, 3, H, W)
+            zh[:] = recurrent_bias
+            _recurrent(zh, h, wg, W, 3 * W)
+            for q in range(2 * W):
                 a[q] = _sigmoid(x[q] + zh[q])
-            for q in range(H):
-                a[3 * H + q] = zh[2 * H + q]
-                a[2 * H + q] = _tanh(x[2 * H + q] + a[q] * zh[2 * H + q])
-            for q in range(H):
-                h[q] = a[2 * H + q] + a[H + q] * (h[q] - a[2 * H + q])
-            hs[head, row, unit0 : unit0 + H] = h
+            for q in range(W):
+                a[3 * W + q] = zh[2 * W + q]
+                a[2 * W + q] = _tanh(x[2 * W + q] + a[q] * zh[2 * W + q])
+            for q in range(W):
+                h[q] = a[2 * W + q] + a[W + q] * (h[q] - a[2 * W + q])
+            _units(hs[head, row, unit0 : unit0 + H], h, W)
             if save:
-                acts[head, row, act0 : act0 + 4 * H] = a
-        h_n[g, b] = h
+                _scatter(acts[head, row, act0 : act0 + 4 * H], a, 4, H, W)
+        _units(h_n[g, b], h, W)
 
 
 @njit(**OPTIONS)
-def gru_backward(gx, bias, w, h0, keep, masked, heads, acts, hs, dhs, dh_n, dgx, dgh, dh0):
+def gru_backward(gx, bias, w, widths, order, h0, keep, masked, heads, acts, hs, dhs, dh_n, dgx, dgh, dh0):
     """dgx: gradients of the gate inputs (zero where bounded); dgh: of the recurrent pre-activations."""
     G, B, H = h0.shape
     N = gx.shape[1] // B
     K = 3 * H
-    bound = np.float32(GATE_BOUND)
     for gb in prange(G * B):
-        g, b = gb // B, gb % B
+        g, b = order[gb // B], gb % B
         direction, head = g // heads, g % heads
-        gate0, unit0, act0 = direction * K, direction * H, direction * 4 * H
-        dh = dh_n[g, b].copy()
-        carry = np.empty(H, np.float32)
-        dx = np.empty(K, np.float32)
-        wg = w[g]
+        gate0, unit0, act0, W = direction * K, direction * H, direction * 4 * H, widths[g]
+        wg, bias_row = _packed(w[g], 3, H, W), bias[head, gate0 : gate0 + K]
+        dh = dh_n[g, b, :W].copy()
+        carry = np.empty(W, np.float32)
+        dx = np.empty(3 * W, np.float32)
+        dg = np.empty(3 * W, np.float32)
+        # views that start at 0, so the loops over units vectorise
+        dr_h, du_h, dn_h = dg[:W], dg[W : 2 * W], dg[2 * W :]
+        dxr, dxu, dxn = dx[:W], dx[W : 2 * W], dx[2 * W :]
         for s in range(N - 1, -1, -1):
             t = _step(s, N, direction)
             row = b * N + t
-            for q in range(H):
-                dh[q] += dhs[head, row, unit0 + q]
+            incoming = dhs[head, row, unit0 : unit0 + W]
+            for q in range(W):
+                dh[q] += incoming[q]
             if masked and keep[b, t] == 0:
                 dgx[head, row, gate0 : gate0 + K] = 0.0
                 dgh[head, row, gate0 : gate0 + K] = 0.0
                 continue
-            # views that start at 0, so the loop over units vectorises
-            ar, au = acts[head, row, act0 : act0 + H], acts[head, row, act0 + H : act0 + 2 * H]
-            an, ahn = acts[head, row, act0 + 2 * H : act0 + 3 * H], acts[head, row, act0 + 3 * H : act0 + 4 * H]
-            dr_h, du_h = dgh[head, row, gate0 : gate0 + H], dgh[head, row, gate0 + H : gate0 + 2 * H]
-            dn_h = dgh[head, row, gate0 + 2 * H : gate0 + K]
-            dxr, dxu, dxn = dx[:H], dx[H : 2 * H], dx[2 * H :]
-            h_prev = hs[head, b * N + _step(s - 1, N, direction), unit0 : unit0 + H] if s > 0 else h0[g, b]
-            for q in range(H):
+            a = acts[head, row, act0 : act0 + 4 * H]
+            ar, au, an, ahn = a[:W], a[H : H + W], a[2 * H : 2 * H + W], a[3 * H : 3 * H + W]
+            h_prev = hs[head, b * N + _step(s - 1, N, direction), unit0 : unit0 + W] if s > 0 else h0[g, b, :W]
+            for q in range(W):
                 r, u, n, hn = ar[q], au[q], an[q], ahn[q]
                 dn = dh[q] * (np.float32(1.0) - u) * (np.float32(1.0) - n * n)
                 dr = dn * hn * r * (np.float32(1.0) - r)
@@ -275,31 +322,30 @@ def gru_backward(gx, bias, w, h0, keep, masked, heads, acts, hs, dhs, dh_n, dgx,
                 dxr[q], dxu[q], dxn[q] = dr, du, dn
                 dr_h[q], du_h[q], dn_h[q] = dr, du, dn * r
                 carry[q] = dh[q] * u
-            d = dgh[head, row]
-            x, bias_row, out = gx[head, row, gate0 : gate0 + K], bias[head, gate0 : gate0 + K], dgx[head, row, gate0 : gate0 + K]
-            for q in range(K):
-                v = x[q] + bias_row[q]
-                out[q] = dx[q] if -bound < v < bound else np.float32(0.0)
-            _recurrent_transposed(dh, d[gate0 : gate0 + K], wg, H, K)
-            for q in range(H):
+            _scatter(dgh[head, row, gate0 : gate0 + K], dg, 3, H, W)
+            _bounded_gradient(dgx[head, row, gate0 : gate0 + K], dx, gx[head, row, gate0 : gate0 + K], bias_row, 3, H, W)
+            _recurrent_transposed(dh, dg, wg, W, 3 * W)
+            for q in range(W):
                 dh[q] += carry[q]
-        dh0[g, b] = dh
+        _units(dh0[g, b], dh, W)
 
 
 @njit(**OPTIONS)
-def weight_grads(before, dz, heads, dw, db):
+def weight_grads(before, dz, widths, order, heads, dw, db):
     """dw[g] = sum over rows of before[g-block]^T dz[g-block]; db[g] = sum over rows of dz[g-block].
 
-    One group per work item, rows summed in order, four at a time (each pass over dw serves four rows,
-    as `_recurrent` does for w): the result does not depend on how many threads run (a BLAS product
-    over this long reduction splits it by thread count, and rounds differently).
+    Rows of dw past a group's width stay zero (so do the columns: dz is zero there). One group per
+    work item, rows summed in order, four at a time (each pass over dw serves four rows, as
+    `_recurrent` does for w): the result does not depend on how many threads run (a BLAS product over
+    this long reduction splits it by thread count, and rounds differently).
     """
     G, H, K = dw.shape
     rows = dz.shape[1]
     full = rows - rows % 4
-    for g in prange(G):
+    for item in prange(G):
+        g = order[item]
         direction, head = g // heads, g % heads
-        gate0, unit0 = direction * K, direction * H
+        gate0, unit0, W = direction * K, direction * H, widths[g]
         out, bias = dw[g], db[g]
         out[:] = 0.0
         bias[:] = 0.0
@@ -310,7 +356,7 @@ def weight_grads(before, dz, heads, dw, db):
             h2, h3 = before[head, row + 2, unit0 : unit0 + H], before[head, row + 3, unit0 : unit0 + H]
             for q in range(K):
                 bias[q] += (d0[q] + d1[q]) + (d2[q] + d3[q])
-            for j in range(H):
+            for j in range(W):
                 a0, a1, a2, a3 = h0[j], h1[j], h2[j], h3[j]
                 o = out[j]
                 for q in range(K):
@@ -319,7 +365,7 @@ def weight_grads(before, dz, heads, dw, db):
             d, h = dz[head, row, gate0 : gate0 + K], before[head, row, unit0 : unit0 + H]
             for q in range(K):
                 bias[q] += d[q]
-            for j in range(H):
+            for j in range(W):
                 hj, o = h[j], out[j]
                 for q in range(K):
                     o[q] += hj * d[q]
