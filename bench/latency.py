@@ -15,7 +15,7 @@ from rich.table import Table
 from replacer.allocator import keep_freed_memory
 import replacer
 from replacer import fused
-from replacer.evaluate import median_latency_ms
+from replacer.evaluate import interleaved_latency_ms
 from replacer.recurrent import MultiHeadRecurrence
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     args = parser.parse_args()
     keep_freed_memory()  # as the command line does (replacer.allocator)
-    table = Table(title=f"CPU ({torch.get_num_threads()} threads), median of {args.repeats}")
+    table = Table(title=f"CPU ({torch.get_num_threads()} threads), median of {args.repeats}, timed in turns")
     for col in ("model", "batch", "variant", "params", "params ratio", "latency ms", "latency ratio"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for batch in args.batch_sizes:
@@ -48,12 +48,15 @@ def main() -> None:
             recurrent = any(isinstance(m, MultiHeadRecurrence) for m in student.modules())
             paths = {f"{args.plugin} (fused)": "fused", f"{args.plugin} (reference loop)": "reference"} if recurrent else {args.plugin: "auto"}
             base_params = replacer.count_parameters(teacher)
-            base_ms = median_latency_ms(lambda: teacher(**inputs), args.repeats)
+            calls = {"teacher": lambda inputs=inputs, teacher=teacher: teacher(**inputs)}
+            # recurrence(path) as a decorator: each call runs on that path
+            calls |= {v: fused.recurrence(p)(lambda i=inputs, s=student: s(**i)) for v, p in paths.items()}
+            times = interleaved_latency_ms(calls, args.repeats)
+            base_ms = times["teacher"]
             table.add_row(name, str(batch), "teacher", f"{base_params:,}", "1.00", f"{base_ms:.1f}", "1.00")
             params = replacer.count_parameters(student)
-            for variant, path in paths.items():
-                with fused.recurrence(path):
-                    ms = median_latency_ms(lambda: student(**inputs), args.repeats)
+            for variant in paths:
+                ms = times[variant]
                 table.add_row("", "", variant, f"{params:,}", f"{params / base_params:.2f}", f"{ms:.1f}", f"{ms / base_ms:.2f}")
     Console(width=140).print(table)
 

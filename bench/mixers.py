@@ -23,7 +23,7 @@ from torch import nn
 
 from replacer.allocator import keep_freed_memory
 from replacer import fused
-from replacer.evaluate import median_latency_ms
+from replacer.evaluate import interleaved_latency_ms
 from replacer.graph.site import Site
 from replacer.plugins import get_registry
 
@@ -64,7 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_freed_memory()  # as the command line does (replacer.allocator)
     registry = get_registry()
-    table = Table(title=f"one block, batch 1, fp32, CPU ({torch.get_num_threads()} threads), median of {args.repeats}")
+    table = Table(title=f"one block, batch 1, fp32, CPU ({torch.get_num_threads()} threads), median of {args.repeats}, timed in turns")
     for col in ("site", "tokens", "module", "ms", "x SDPA"):
         table.add_column(col, justify="left" if col in ("site", "module") else "right")
     for label, site in SITES.items():
@@ -81,10 +81,9 @@ def main() -> None:
                 blocks[f"{plugin} (fused)"], blocks[f"{plugin} (reference loop)"] = (block, "fused"), (block, "reference")
         for length in args.lengths:
             x = torch.randn(1, length, site.d_model)
-            times = {}
-            for name, (block, path) in blocks.items():
-                with fused.recurrence(path):
-                    times[name] = median_latency_ms(lambda b=block: b(x), args.repeats, warmup=1)
+            # recurrence(path) as a decorator: each call runs on that path; all timed in turns
+            calls = {name: fused.recurrence(path)(lambda b=block, x=x: b(x)) for name, (block, path) in blocks.items()}
+            times = interleaved_latency_ms(calls, args.repeats, warmup=1)
             for name, ms in times.items():
                 first = name == "attention (SDPA)"
                 table.add_row(label if first and length == args.lengths[0] else "", str(length) if first else "", name,

@@ -35,22 +35,42 @@ def outputs(task: Task, model: nn.Module, batches: list[Batch], name: str = "the
     return result
 
 
+def interleaved_median_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median wall-clock milliseconds of each call over `repeats` rounds, after `warmup` calls of each.
+
+    The calls are timed in turns, one of each per round with the order rotating: a machine whose
+    speed drifts (shared CPUs do, by 2-4x within an hour) then slows every call alike, so the ratios
+    between them hold where medians taken one after the other do not.
+    """
+    names = list(calls)
+    for name in names:
+        for _ in range(warmup):
+            calls[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in range(repeats):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def median_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     """Median wall-clock milliseconds of `fn` over `repeats` calls, after `warmup` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return interleaved_median_ms({"call": fn}, repeats, warmup)["call"]
 
 
 @torch.no_grad()
 def median_latency_ms(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
     """`median_ms` of inference: no autograd graph is built."""
     return median_ms(fn, repeats, warmup)
+
+
+@torch.no_grad()
+def interleaved_latency_ms(calls: dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """`interleaved_median_ms` of inference: no autograd graph is built."""
+    return interleaved_median_ms(calls, repeats, warmup)
 
 
 def evaluate(
@@ -76,10 +96,10 @@ def evaluate(
     result["layer_cka"] = {k: analysis.layer_cka(teacher, m, task, probe) for k, m in models.items()}
     if latency_repeats:
         result["latency_ms"] = {
-            str(size): {
-                name: median_latency_ms(lambda m=m, b=batch: task.run(m, b), latency_repeats)
-                for name, m in {"teacher": teacher, **models}.items()
-            }
+            str(size): interleaved_latency_ms(
+                {name: lambda m=m, b=batch: task.run(m, b) for name, m in {"teacher": teacher, **models}.items()},
+                latency_repeats,
+            )
             for size, batch in timed.items()
         }
     return result
