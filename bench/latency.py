@@ -1,6 +1,6 @@
 """Params and CPU latency: teacher vs the same model with every attention site replaced.
 
-Run: python bench/latency.py [--repeats 20] [--plugin lstm] [--batch-sizes 1 32]
+Run: python bench/latency.py [--repeats 20] [--plugin lstm] [--batch-sizes 1 32] [--pruned 0.5] [--model-params 0.7]
 Mixers are untrained here; latency and size do not depend on training. Figures are medians. lstm and
 gru students are timed on the fused kernels and on the reference loop in the same run.
 """
@@ -8,6 +8,7 @@ gru students are timed on the fused kernels and on the reference loop in the sam
 from __future__ import annotations
 
 import argparse
+import copy
 import torch
 from rich.console import Console
 from rich.table import Table
@@ -15,7 +16,9 @@ from rich.table import Table
 from replacer.allocator import keep_freed_memory
 import replacer
 from replacer import fused
+from replacer.errors import ReplacerError
 from replacer.evaluate import interleaved_latency_ms
+from replacer.pruning import prune
 from replacer.recurrent import MultiHeadRecurrence
 
 
@@ -37,28 +40,52 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--plugin", default="lstm")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    parser.add_argument("--pruned", type=float, nargs="*", default=[],
+                        help="also time the student pruned (magnitude importance) to these fractions of its mixer "
+                             "parameters, in lockstep (prune.uniform) and ranked unit by unit")
+    parser.add_argument("--model-params", type=float, nargs="*", default=[],
+                        help="also time the student pruned as a whole (prune.scope: model: MLP channels too) to "
+                             "these fractions of the teacher's parameters")
     args = parser.parse_args()
     keep_freed_memory()  # as the command line does (replacer.allocator)
     table = Table(title=f"CPU ({torch.get_num_threads()} threads), median of {args.repeats}, timed in turns")
-    for col in ("model", "batch", "variant", "params", "params ratio", "latency ms", "latency ratio"):
+    for col in ("model", "batch", "variant", "params", "params ratio", "latency ms", "latency ratio", "x student"):
         table.add_column(col, justify="right" if col != "model" else "left")
+    notes: list[str] = []
     for batch in args.batch_sizes:
         for name, (teacher, inputs) in cases(batch).items():
             student = replacer.replace(teacher, plugin=args.plugin).eval()
             recurrent = any(isinstance(m, MultiHeadRecurrence) for m in student.modules())
-            paths = {f"{args.plugin} (fused)": "fused", f"{args.plugin} (reference loop)": "reference"} if recurrent else {args.plugin: "auto"}
-            base_params = replacer.count_parameters(teacher)
-            calls = {"teacher": lambda inputs=inputs, teacher=teacher: teacher(**inputs)}
+            default = f"{args.plugin} (fused)" if recurrent else args.plugin
+            models = {"teacher": (teacher, "auto"), default: (student, "fused" if recurrent else "auto")}
+            if recurrent:
+                models[f"{args.plugin} (reference loop)"] = (student, "reference")
+            for fraction in args.pruned:
+                for kind, uniform in (("lockstep", True), ("ranked", False)):
+                    pruned = copy.deepcopy(student)
+                    prune(pruned, params=fraction, uniform=uniform)
+                    models[f"{args.plugin} pruned-{round(fraction * 100)} {kind}"] = (pruned.eval(), "auto")
+            for fraction in args.model_params:
+                pruned = copy.deepcopy(student)
+                try:
+                    prune(pruned, params=round(fraction * replacer.count_parameters(teacher)), scope="model")
+                except ReplacerError as exc:
+                    notes.append(f"{name}, whole model at {fraction}x the teacher: {exc}")
+                    continue
+                models[f"{args.plugin} whole model at {fraction}x teacher"] = (pruned.eval(), "auto")
             # recurrence(path) as a decorator: each call runs on that path
-            calls |= {v: fused.recurrence(p)(lambda i=inputs, s=student: s(**i)) for v, p in paths.items()}
+            calls = {v: fused.recurrence(p)(lambda i=inputs, m=m: m(**i)) for v, (m, p) in models.items()}
             times = interleaved_latency_ms(calls, args.repeats)
-            base_ms = times["teacher"]
-            table.add_row(name, str(batch), "teacher", f"{base_params:,}", "1.00", f"{base_ms:.1f}", "1.00")
-            params = replacer.count_parameters(student)
-            for variant in paths:
-                ms = times[variant]
-                table.add_row("", "", variant, f"{params:,}", f"{params / base_params:.2f}", f"{ms:.1f}", f"{ms / base_ms:.2f}")
-    Console(width=140).print(table)
+            base_params = replacer.count_parameters(teacher)
+            for variant, (model, _) in models.items():
+                params, ms = replacer.count_parameters(model), times[variant]
+                table.add_row(name if variant == "teacher" else "", str(batch) if variant == "teacher" else "", variant,
+                              f"{params:,}", f"{params / base_params:.2f}", f"{ms:.1f}", f"{ms / times['teacher']:.2f}",
+                              "" if variant == "teacher" else f"{ms / times[default]:.2f}")
+    console = Console(width=140)
+    console.print(table)
+    for note in notes:
+        console.print(f"not timed: {note}")
 
 
 if __name__ == "__main__":
