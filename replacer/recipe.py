@@ -240,7 +240,9 @@ class EvalSpec(Strict):
     baseline: bool = Field(True, description="also evaluate the same mixers without distillation")
     latency: bool = Field(True, description="time teacher and students on the CPU")
     latency_batch_sizes: list[PositiveInt] = Field([1], min_length=1, description="batch sizes timed on the CPU")
-    latency_repeats: PositiveInt = Field(10, description="timed repeats per batch size (the median is reported)")
+    latency_repeats: PositiveInt = Field(
+        10, description="timed repeats per batch size (the median is reported; the teacher and the students are timed in turns)"
+    )
     site_error_batches: PositiveInt = Field(2, description="held-out batches for per-site and per-layer similarity")
     figures: bool = Field(True, description="write PNG figures (loss curves, similarity per site and layer, ...)")
     ecosystem: bool = Field(
