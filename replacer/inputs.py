@@ -120,6 +120,7 @@ def preflight(recipe: Recipe) -> nn.Module:
             lora_targets(teacher, recipe.tune.lora.targets)  # the student keeps these layers
         if recipe.export.enabled:
             export_formats(recipe.export.formats, export_context(recipe, task_kind(recipe.model.task, teacher, is_text(recipe))))
+        check_model_budgets(recipe, teacher)
     except ReplacerError as exc:
         problems.insert(0, str(exc))
     if problems:
@@ -143,6 +144,31 @@ def check_sites(recipe: Recipe, teacher: nn.Module) -> None:
         select_sites(found, None if chosen == "all" else chosen)
     except SiteSelectionError as exc:
         raise SiteSelectionError(f"sites: {exc}") from None
+
+
+def check_model_budgets(recipe: Recipe, teacher: nn.Module) -> None:
+    """Whole-model pruning budgets (`prune.scope: model`) lie above the share of the student that no group
+    can cut. Checked by building the untrained student where its sites are known before any analysis
+    (explicit sites, `all`, random policies); a policy that ranks by attention is checked when it prunes."""
+    from replacer.graph.scan import scan
+    from replacer.pruning import fixed_fraction
+    from replacer.replace import replace
+    from replacer.selection import choose_sites
+
+    spec, policy = recipe.prune, recipe.sites
+    if not (spec.enabled and spec.scope == "model" and spec.target == "params"):
+        return
+    if isinstance(policy, SitePolicy) and not policy.policy.startswith("random"):
+        return
+    selection = choose_sites(recipe, scan(teacher).sites, None)
+    student = replace(teacher, recipe.mixer.plugin, sites=selection.sites, options=recipe.mixer.options, heads=selection.heads)
+    floor = fixed_fraction(student)
+    low = [b for b in spec.budgets if b <= floor]
+    if low:
+        raise ReplacerError(
+            f"prune.budgets {low}: {floor:.0%} of the student's parameters sit outside every prunable group "
+            f"(embeddings, norms, projections), so whole-model budgets must be above {floor:.2f}"
+        )
 
 
 def export_context(recipe: Recipe, task: str) -> ModelContext:

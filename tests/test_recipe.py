@@ -103,6 +103,8 @@ def test_teacher_training_needs_random_initial_weights(tmp_path):
     ("sites={policy: random, layers: 40}", r"sites.layers=40 but BertModel has 6 replaceable layers"),
     ("data.train=[{kind: text, source: 'jsonl:/nonexistent/texts.jsonl'}]", r"data.train\[0\].source jsonl:/nonexistent/texts.jsonl: .* does not exist"),
     ("data.eval=[{kind: text, source: fortunez}]", r"data.eval\[0\].source: unknown text source 'fortunez'"),
+    ("prune={enabled: true, scope: model, budgets: [0.95, 0.1]}",
+     r"prune.budgets \[0.1\]: \d+% of the student's parameters sit outside every prunable group .* must be above 0\.\d\d"),
 ])
 def test_validate_and_run_report_what_the_model_and_data_cannot_satisfy_before_any_work(tmp_path, override, message, monkeypatch):
     import replacer.run

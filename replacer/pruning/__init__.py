@@ -46,6 +46,17 @@ def model_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def _outside_groups(model: nn.Module, index: GroupIndex) -> int:
+    """Parameters of `model` that no group of `index` holds (embeddings, norms, ...): pruning keeps them."""
+    return model_parameters(model) - ParameterCount(index).total
+
+
+def fixed_fraction(model: nn.Module) -> float:
+    """The share of `model`'s parameters that no prunable group holds (embeddings, norms, projections):
+    whole-model budgets must lie above it."""
+    return _outside_groups(model, GroupIndex.of(model, "model")) / model_parameters(model)
+
+
 def importance_scores(
     index: GroupIndex, importance: Importance, losses: Iterable[Callable[[], torch.Tensor]] | None, normalise: bool = True
 ) -> torch.Tensor:
@@ -72,7 +83,7 @@ def index_target(model: nn.Module, index: GroupIndex, budget: float | int, scope
         return round(budget * mixer_parameters(model)) if isinstance(budget, float) else budget
     total = model_parameters(model)
     target = round(budget * total) if isinstance(budget, float) else budget
-    fixed = total - ParameterCount(index).total  # what no group holds (embeddings, norms, ...) stays
+    fixed = _outside_groups(model, index)
     if target <= fixed:
         raise ReplacerError(
             f"cannot prune the model to {target:,} parameters: {fixed:,} ({fixed / total:.0%} of it) sit outside every "
