@@ -111,6 +111,15 @@ class SitePolicy(Strict):
         None, gt=0, le=1, description="recent-heads: or every head whose recency ratio reaches this"
     )
     seed: int = Field(0, description="seeds the random policies")
+    kv_groups: bool = Field(
+        False, description="head policies: take whole key/value groups (grouped-query attention), a group's query "
+        "heads together, ranked by their mean recency; the KV cache then shrinks by the fraction of groups replaced, "
+        "and fraction counts groups"
+    )
+    per_layer: float | None = Field(
+        None, gt=0, le=1, description="head policies: at most this fraction of one layer's heads (or groups), rounded "
+        "down; the budget is filled from the other layers"
+    )
 
     @property
     def by_heads(self) -> bool:
@@ -126,6 +135,8 @@ class SitePolicy(Strict):
                 raise ValueError("recent-heads takes exactly one of threshold (a recency ratio) or fraction (of all heads)")
         elif self.threshold is not None or (self.layers is None) == (self.fraction is None):
             raise ValueError("give exactly one of layers (a count) or fraction (of all layers)")
+        if not self.by_heads and (self.kv_groups or self.per_layer is not None):
+            raise ValueError(f"kv_groups and per_layer are options of head policies, not of {self.policy}")
         return self
 
 

@@ -48,23 +48,62 @@ def choose_sites(recipe: Recipe, sites: list[Site], statistics: dict | None) -> 
 
 
 def _heads(policy: SitePolicy, sites: list[Site], statistics: dict | None) -> Selection:
-    """recent-heads: heads whose recency ratio passes the threshold, or the given fraction of all heads, most
-    recent first. random-heads: the same fraction of heads, drawn with the policy's seed."""
-    every = [(site.name, head) for site in sites for head in range(site.num_heads)]
+    """recent-heads: units (heads, or with `kv_groups` whole key/value groups) whose recency ratio passes
+    the threshold, or the given fraction of all units, most recent first. random-heads: the same fraction,
+    drawn with the policy's seed. `per_layer` caps how many units one layer gives."""
+    every = _units(policy, sites)
     if policy.policy == "random-heads":
-        ranked = [(0.0, name, head) for name, head in random.Random(policy.seed).sample(every, len(every))]
+        ranked = [(0.0, name, heads) for name, heads in random.Random(policy.seed).sample(every, len(every))]
     else:
-        recency = {(s.name, h): r for s in sites for h, r in enumerate(statistics[s.name]["heads"]["recency"])}
-        ranked = sorted(((recency[key], *key) for key in every), reverse=True)
+        recency = {s.name: statistics[s.name]["heads"]["recency"] for s in sites}
+        ranked = sorted(((sum(recency[name][h] for h in heads) / len(heads), name, heads) for name, heads in every),
+                        reverse=True)
     if policy.threshold is not None:
-        taken = [(name, head) for ratio, name, head in ranked if ratio >= policy.threshold]
+        wanted = [(name, heads) for ratio, name, heads in ranked if ratio >= policy.threshold]
+        if not wanted:
+            raise ReplacerError(f"no head reaches recency {policy.threshold}; lower sites.threshold")
+        count = len(wanted)
     else:
-        taken = [(name, head) for _, name, head in ranked[: max(1, round(policy.fraction * len(ranked)))]]
-    if not taken:
-        raise ReplacerError(f"no head reaches recency {policy.threshold}; lower sites.threshold")
-    heads: dict[str, list[int]] = {}
-    for name, head in taken:
-        heads.setdefault(name, []).append(head)
+        wanted, count = [(name, heads) for _, name, heads in ranked], max(1, round(policy.fraction * len(ranked)))
+    taken = _capped(policy, sites, wanted, count, strict=policy.threshold is None)
+    chosen: dict[str, list[int]] = {}
+    for name, heads in taken:
+        chosen.setdefault(name, []).extend(heads)
     order = {s.name: s.layer_index for s in sites}
-    names = sorted(heads, key=order.__getitem__)
-    return Selection(names, {n: sorted(heads[n]) for n in names})
+    names = sorted(chosen, key=order.__getitem__)
+    return Selection(names, {n: sorted(chosen[n]) for n in names})
+
+
+def _units(policy: SitePolicy, sites: list[Site]) -> list[tuple[str, tuple[int, ...]]]:
+    """What a head policy takes: single heads, or with `kv_groups` each key/value group's query heads
+    (head h reads group h // (heads per group), as grouped-query attention repeats them)."""
+    units = []
+    for site in sites:
+        size = site.num_heads // site.num_kv_heads if policy.kv_groups else 1
+        units += [(site.name, tuple(range(g * size, (g + 1) * size))) for g in range(site.num_heads // size)]
+    return units
+
+
+def _capped(policy: SitePolicy, sites: list[Site], wanted: list, count: int, strict: bool) -> list:
+    """The first `count` of the ranked `wanted` units, at most `per_layer` of each layer's units; `strict`
+    (a fraction budget): fewer than `count` is an error, not a smaller selection."""
+    if policy.per_layer is None:
+        return wanted[:count]
+    per_site = {}
+    for name, _ in _units(policy, sites):
+        per_site[name] = per_site.get(name, 0) + 1
+    caps = {name: int(policy.per_layer * n + 1e-9) for name, n in per_site.items()}
+    taken, used = [], dict.fromkeys(caps, 0)
+    for name, heads in wanted:
+        if len(taken) == count:
+            break
+        if used[name] < caps[name]:
+            used[name] += 1
+            taken.append((name, heads))
+    if strict and len(taken) < count:
+        unit = "key/value groups" if policy.kv_groups else "heads"
+        raise ReplacerError(
+            f"sites.per_layer={policy.per_layer} allows {len(taken)} {unit} but the policy asks for {count}: "
+            "raise per_layer or lower fraction"
+        )
+    return taken

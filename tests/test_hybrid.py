@@ -51,6 +51,27 @@ def test_the_kv_cache_holds_only_kept_kv_heads_and_decoding_matches(heads, kv_ke
     assert held["mixer_state"] > 0
 
 
+@pytest.mark.parametrize("kv_groups, kv_kept", [(False, 3), (True, 2)])
+def test_the_kv_group_policy_shrinks_the_cache_by_the_fraction_of_groups_replaced(kv_groups, kv_kept):
+    """Half the heads by recency: single heads leave a query head on each key/value group of layer 1, so
+    its cache stays whole (3/4 kept); whole groups halve the cache of every layer."""
+    from types import SimpleNamespace
+
+    from replacer.recipe import SitePolicy
+    from replacer.selection import choose_sites
+
+    teacher = model()
+    sites = replacer.scan(teacher).sites
+    statistics = {s.name: {"heads": {"recency": r}} for s, r in zip(sites, ([0.9, 0.8, 0.1, 0.2], [0.7, 0.1, 0.6, 0.3]))}
+    policy = SitePolicy(policy="recent-heads", fraction=0.5, kv_groups=kv_groups)
+    selection = choose_sites(SimpleNamespace(sites=policy), sites, statistics)
+    student = replacer.replace(teacher, "lstm", sites=selection.sites, heads=selection.heads)
+    with torch.no_grad():
+        held = cache_bytes(student(ids(5), use_cache=True).past_key_values)
+        dense = cache_bytes(teacher(ids(5), use_cache=True).past_key_values)
+    assert held["kv"] == dense["kv"] * kv_kept // 4
+
+
 def test_a_hybrid_model_saves_and_loads(tmp_path):
     student = replacer.replace(model(), "gru", heads={"model.layers.0.self_attn": [3]})
     assert [s.name for s in replacer.scan(student).replaced] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]

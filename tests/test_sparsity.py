@@ -157,6 +157,21 @@ def test_site_policies_select_what_they_claim():
     drawn = choose(SitePolicy(policy="random-heads", fraction=0.5, seed=1), None).heads
     assert sum(len(h) for h in drawn.values()) == 4
     assert drawn == choose(SitePolicy(policy="random-heads", fraction=0.5, seed=1), None).heads
+    ranked_in_one_layer = _fake_statistics({sites[0].name: 0.5, sites[1].name: 0.5},
+                                           {sites[0].name: [0.9, 0.1, 0.7, 0.2], sites[1].name: [0.3, 0.6, 0.1, 0.1]})
+    assert choose(SitePolicy(policy="recent-heads", fraction=0.25), ranked_in_one_layer).heads == {sites[0].name: [0, 2]}
+    capped = choose(SitePolicy(policy="recent-heads", fraction=0.25, per_layer=0.25), ranked_in_one_layer)
+    assert capped.heads == {sites[0].name: [0], sites[1].name: [1]}
+    assert choose(SitePolicy(policy="recent-heads", threshold=0.5, per_layer=0.25), ranked_in_one_layer).heads == capped.heads
+    with pytest.raises(replacer.ReplacerError, match=r"sites.per_layer=0.25 allows 2 heads but the policy asks for 3"):
+        choose(SitePolicy(policy="recent-heads", fraction=0.375, per_layer=0.25), ranked_in_one_layer)
+    # tiny_llama: 4 query heads over 2 key/value groups ({0, 1} and {2, 3}); group means 0.5 / 0.45 and 0.55 / 0.1
+    assert choose(SitePolicy(policy="recent-heads", fraction=0.5, kv_groups=True), recent).heads == {
+        sites[0].name: [0, 1], sites[1].name: [0, 1]}
+    groups = choose(SitePolicy(policy="random-heads", fraction=0.5, kv_groups=True, seed=2), None).heads
+    assert sorted(len(h) for h in groups.values()) in ([2, 2], [4]) and all(h in ([0, 1], [2, 3], [0, 1, 2, 3]) for h in groups.values())
+    with pytest.raises(ValueError, match="kv_groups and per_layer are options of head policies"):
+        SitePolicy(policy="sparsest", layers=1, kv_groups=True)
     with pytest.raises(ValueError, match="recent-heads takes exactly one"):
         SitePolicy(policy="recent-heads", layers=2)
     with pytest.raises(ValueError, match="exactly one of layers"):
