@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import DynamicCache
 
-from replacer.allocator import keep_freed_memory
+from replacer.train.allocator import keep_freed_memory
 import replacer
 from replacer_transformers.cache import cache_argument_name, cache_bytes
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--plugins", nargs="+", default=["lstm", "ssm"])
     parser.add_argument("--steps", type=int, default=8, help="decoded tokens per length (median reported)")
     args = parser.parse_args()
-    keep_freed_memory()  # as the command line does (replacer.allocator)
+    keep_freed_memory()  # as the command line does (replacer.train.allocator)
     console = Console(width=140)
     teacher = replacer.load_model("smollm2").eval()
     models = variants(teacher, args.plugins)

@@ -15,9 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from replacer.allocator import keep_freed_memory
+from replacer.train.allocator import keep_freed_memory
 from replacer.recipe import load_recipe
-from replacer.run import run_recipe
+from replacer.run.runner import run_recipe
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "smollm2_heads.yaml"
 
@@ -26,7 +26,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fraction", type=float, default=0.25)
     args = parser.parse_args()
-    keep_freed_memory()  # as the command line does (replacer.allocator)
+    keep_freed_memory()  # as the command line does (replacer.train.allocator)
     console = Console()
     table = Table(title=f"SmolLM2-135M, {args.fraction:.0%} of heads -> lstm (hybrid layers), held-out fortunes")
     for column in ("policy", "mean recency of replaced heads", "perplexity (teacher)", "KL to teacher",

@@ -13,11 +13,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from replacer.allocator import keep_freed_memory
+from replacer.train.allocator import keep_freed_memory
 import replacer
 from replacer import fused
 from replacer.errors import ReplacerError
-from replacer.evaluate import interleaved_latency_ms
+from replacer.metrics.timing import interleaved_latency_ms
 from replacer.pruning import prune
 from replacer.recurrent import MultiHeadRecurrence
 
@@ -47,7 +47,7 @@ def main() -> None:
                         help="also time the student pruned as a whole (prune.scope: model: MLP channels too) to "
                              "these fractions of the teacher's parameters")
     args = parser.parse_args()
-    keep_freed_memory()  # as the command line does (replacer.allocator)
+    keep_freed_memory()  # as the command line does (replacer.train.allocator)
     table = Table(title=f"CPU ({torch.get_num_threads()} threads), median of {args.repeats}, timed in turns")
     for col in ("model", "batch", "variant", "params", "params ratio", "latency ms", "latency ratio", "x student"):
         table.add_column(col, justify="right" if col != "model" else "left")

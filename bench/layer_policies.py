@@ -15,9 +15,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from replacer.allocator import keep_freed_memory
+from replacer.train.allocator import keep_freed_memory
 from replacer.recipe import load_recipe
-from replacer.run import run_recipe
+from replacer.run.runner import run_recipe
 
 RECIPE = Path(__file__).parent.parent / "recipes" / "minilm_layer_policy.yaml"
 
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=3)
     parser.add_argument("--random-seeds", type=int, nargs="*", default=[0, 1, 2])
     args = parser.parse_args()
-    keep_freed_memory()  # as the command line does (replacer.allocator)
+    keep_freed_memory()  # as the command line does (replacer.train.allocator)
     console = Console()
     variants = [("sparsest", 0), ("densest", 0)] + [("random", seed) for seed in args.random_seeds]
     table = Table(title=f"all-MiniLM-L6-v2, {args.layers} of 6 layers -> lstm, held-out fortunes")

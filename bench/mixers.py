@@ -21,9 +21,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from replacer.allocator import keep_freed_memory
+from replacer.train.allocator import keep_freed_memory
 from replacer import fused
-from replacer.evaluate import interleaved_latency_ms
+from replacer.metrics.timing import interleaved_latency_ms
 from replacer.graph.site import Site
 from replacer.plugins import get_registry
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--plugins", nargs="+", default=["lstm", "gru", "ssm"])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    keep_freed_memory()  # as the command line does (replacer.allocator)
+    keep_freed_memory()  # as the command line does (replacer.train.allocator)
     registry = get_registry()
     table = Table(title=f"one block, batch 1, fp32, CPU ({torch.get_num_threads()} threads), median of {args.repeats}, timed in turns")
     for col in ("site", "tokens", "module", "ms", "x SDPA"):

@@ -16,10 +16,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from replacer.allocator import keep_freed_memory
+from replacer.train.allocator import keep_freed_memory
 from replacer import fused
-from replacer.evaluate import interleaved_median_ms
-from replacer.optimizers import adam
+from replacer.metrics.timing import interleaved_median_ms
+from replacer.train.optimizers import adam
 from replacer.graph.site import Site
 from replacer.plugins import get_registry
 
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=64)
     args = parser.parse_args()
-    keep_freed_memory()  # as the command line does (replacer.allocator)
+    keep_freed_memory()  # as the command line does (replacer.train.allocator)
     torch.manual_seed(0)
     x, target = torch.randn(args.batch, args.tokens, 384), torch.randn(args.batch, args.tokens, 384)
     keep = torch.ones(args.batch, args.tokens, dtype=torch.bool)

@@ -18,7 +18,7 @@ PAGE = ROOT / "docs" / "api.md"
 
 SECTIONS: dict[str, list[str]] = {
     "Converting models": ["replacer.replace.replace", "replacer.scan", "replacer.save", "replacer.load", "replacer.load_model"],
-    "Recipe runs": ["replacer.recipe.load_recipe", "replacer.run.run_recipe"],
+    "Recipe runs": ["replacer.recipe.load_recipe", "replacer.run.runner.run_recipe"],
     "The Mixer contract": ["replacer.mixer.Mixer", "replacer.mixer.ScanMixer", "replacer.mixer.MixerSpec", "replacer.Site",
                            "replacer.LinearWeights"],
     "Building blocks for mixers": ["replacer.recurrent.MultiHeadRecurrence", "replacer.recurrent.RecurrentOptions"],
@@ -26,7 +26,7 @@ SECTIONS: dict[str, list[str]] = {
                  "replacer.graph.adapter.padding_from_attention_mask"],
     "Where users already work": ["replacer.Exporter", "replacer.Evaluation", "replacer.ModelContext"],
     "Pruning": ["replacer.mixer.PruneGroup", "replacer.pruning.GroupIndex"],
-    "Attention analysis": ["replacer.AnalyzerSpec", "replacer.sparsify.sparse_attention"],
+    "Attention analysis": ["replacer.AnalyzerSpec", "replacer.run.sparse_teacher.sparse_attention"],
     "Conformance kits": ["replacer.testing.check_mixer", "replacer.testing.check_adapter", "replacer.testing.AttentionCounter"],
 }
 

@@ -27,12 +27,12 @@ errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 @app.callback()
 def _set_up_process() -> None:
     """Engine notes (e.g. which scan kernel a mixer runs) go to stderr, one line each; the allocator
-    keeps freed blocks for the next training step (`replacer.allocator`)."""
+    keeps freed blocks for the next training step (`replacer.train.allocator`)."""
     import logging
 
     from rich.logging import RichHandler
 
-    from replacer.allocator import keep_freed_memory
+    from replacer.train.allocator import keep_freed_memory
 
     logger = logging.getLogger("replacer")
     if not logger.handlers:
@@ -167,10 +167,10 @@ def validate(
 ) -> None:
     """Check a recipe (and overrides) without running it: its fields, the plugins and options it names, the
     model (loaded, not trained), the data sources and the sites it selects."""
-    from replacer.components import check_components
-    from replacer.inputs import preflight
+    from replacer.run.components import check_components
+    from replacer.run.inputs import preflight
     from replacer.recipe import load_recipe
-    from replacer.run_dir import check_run_dir
+    from replacer.run.layout import check_run_dir
 
     loaded = load_recipe(recipe, set_)
     check_components(loaded)
@@ -190,9 +190,9 @@ def run(
 
     Under `torchrun --nproc-per-node N -m replacer run RECIPE` the N processes share the work.
     """
-    from replacer.distributed import world_from_environment
+    from replacer.train.distributed import world_from_environment
     from replacer.recipe import load_recipe
-    from replacer.run import run_recipe
+    from replacer.run.runner import run_recipe
 
     loaded = load_recipe(recipe, set_)
     try:
@@ -203,7 +203,7 @@ def run(
         raise typer.Exit(code=130)
     if report is None:  # a torchrun rank other than 0: rank 0 reports
         return
-    from replacer.run_dir import RunLayout
+    from replacer.run.layout import RunLayout
 
     layout = RunLayout(loaded.directory)
     console.print(layout.report_md.read_text(), markup=False, highlight=False)
@@ -221,9 +221,9 @@ def analyze(
 
     A model source is analysed on offline English text (docstrings of installed modules).
     """
-    from replacer.attention_analysis import RESULT, layer_table
+    from replacer.run.teacher_attention import RESULT, layer_table
     from replacer.recipe import load_recipe, recipe_for_model
-    from replacer.run import analyze_recipe
+    from replacer.run.runner import analyze_recipe
 
     path = Path(target)
     loaded = load_recipe(path, set_) if path.suffix in (".yaml", ".yml") else recipe_for_model(target, set_)
@@ -246,7 +246,7 @@ def export(
     """Write a converted model in another format (a folder `SentenceTransformer(OUT, trust_remote_code=True)` loads, ...)."""
     import replacer
     from replacer.exporting import export_formats, export_into
-    from replacer.saved_source import SavedSource
+    from replacer.run.saved_source import SavedSource
 
     found = SavedSource.open(source, teacher, "--teacher SOURCE (its tokenizer and pooling)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -271,7 +271,7 @@ def evaluate(
     max_length: int = typer.Option(256, help="longest window in tokens, for a saved model"),
 ) -> None:
     """Measure a student beside its teacher with an ecosystem's own tools; for a run, the figures join its report."""
-    from replacer.evaluate_saved import evaluate_saved
+    from replacer.run.evaluate_saved import evaluate_saved
 
     if (lm_eval is None) == (with_ is None):
         raise ReplacerError("give one of --lm-eval TASKS or --with EVALUATION")

@@ -7,7 +7,7 @@ import timm
 import torch
 import transformers as T
 
-from replacer.allocator import keep_freed_memory
+from replacer.train.allocator import keep_freed_memory
 from replacer.testing import main_tensor
 
 T.logging.set_verbosity_error()

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from replacer.run_dir import RunDir
+from replacer.run.layout import RunDir
 
 
 def main() -> None:

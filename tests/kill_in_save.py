@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-import replacer.training_state as training_state
+import replacer.train.state as training_state
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""replacer.allocator: freed large blocks stay on the heap for the next step instead of being unmapped."""
+"""replacer.train.allocator: freed large blocks stay on the heap for the next step instead of being unmapped."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from replacer import allocator
+from replacer.train import allocator
 
 
 class _MallInfo2(ctypes.Structure):

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from replacer.batches import BatchPlan
-from replacer.distributed import SINGLE, World
+from replacer.train.batches import BatchPlan
+from replacer.train.distributed import SINGLE, World
 from helpers import write_idx
 
 SITES = ["blocks.0.attn", "blocks.1.attn"]

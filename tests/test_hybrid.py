@@ -58,7 +58,7 @@ def test_the_kv_group_policy_shrinks_the_cache_by_the_fraction_of_groups_replace
     from types import SimpleNamespace
 
     from replacer.recipe import SitePolicy
-    from replacer.selection import choose_sites
+    from replacer.run.selection import choose_sites
 
     teacher = model()
     sites = replacer.scan(teacher).sites
@@ -131,7 +131,7 @@ def test_bad_head_choices_are_refused():
 
 def test_a_recipe_replaces_the_most_recent_heads(tmp_path):
     from replacer.recipe import load_recipe
-    from replacer.run import run_recipe
+    from replacer.run.runner import run_recipe
 
     from helpers import tiny_causal_recipe
 

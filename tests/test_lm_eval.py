@@ -52,7 +52,7 @@ def test_lm_eval_scores_teacher_and_student_on_the_held_out_text_into_the_report
     figures = json.loads((run / "report.json").read_text())["ecosystem"]["lm-eval"]
     assert set(figures) == {"teacher", "distilled"}
     texts = [line for line in (tmp_path / "t.txt").read_text().splitlines()]
-    from replacer.inputs import load_examples
+    from replacer.run.inputs import load_examples
     from replacer.recipe import load_recipe
 
     recipe = load_recipe(run / "recipe.yaml")
@@ -86,7 +86,7 @@ def test_lm_eval_refuses_bad_requests_in_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_lm_eval_runs_smollm2_beside_a_converted_student(tmp_path):
-    from replacer.evaluate_saved import evaluate_saved
+    from replacer.run.evaluate_saved import evaluate_saved
 
     student = replacer.replace(replacer.load_model("smollm2"), "lstm", sites=[0, 1])  # two layers, untrained
     replacer.save(student, tmp_path / "student")

@@ -13,7 +13,7 @@ from conftest import tiny_llama, tiny_text_llama
 from helpers import greedy_without_cache, tiny_causal_recipe
 from replacer.distill.lora import add_lora, lora_targets, merge_lora
 from replacer.recipe import LoraSpec, load_recipe
-from replacer.run import run_recipe
+from replacer.run.runner import run_recipe
 
 LORA_RUN = """mixer: {plugin: lstm, options: {hidden_per_head: 4}}
 distill: {steps: 3, calibration_batches: 3}

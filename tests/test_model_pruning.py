@@ -9,7 +9,7 @@ import replacer
 from conftest import tiny_bert, tiny_deit, tiny_gpt2, tiny_llama, tiny_text_bert
 from families import FAMILIES
 from helpers import greedy_without_cache
-from replacer.analysis import pareto_front
+from replacer.report.figures import pareto_front
 from replacer.graph.feed_forward import FeedForward
 from replacer.pruning import GroupIndex, feed_forwards, model_parameters, prune
 from replacer.pruning.groups import model_parts, shrink
@@ -183,7 +183,7 @@ def test_a_recipe_prunes_the_whole_model_and_reports_the_family(tmp_path):
     from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
-    from replacer.run import run_recipe
+    from replacer.run.runner import run_recipe
 
     path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)  # 96 % of its parameters are embeddings
     recipe = load_recipe(path, ["prune.enabled=true", "prune.budgets=[0.99]", "prune.scope=model", "prune.recovery_steps=2",

@@ -1,10 +1,10 @@
-"""replacer.optimizers: the fused Adam/AdamW step is taken on the CPU and computes torch's reference update."""
+"""replacer.train.optimizers: the fused Adam/AdamW step is taken on the CPU and computes torch's reference update."""
 
 from __future__ import annotations
 
 import torch
 
-from replacer.optimizers import adam, adamw
+from replacer.train.optimizers import adam, adamw
 
 
 def _params(seed: int) -> list[torch.nn.Parameter]:

@@ -158,7 +158,7 @@ def test_a_recipe_prunes_to_every_budget_and_reports_them(tmp_path):
     from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
-    from replacer.run import run_recipe
+    from replacer.run.runner import run_recipe
 
     path = tiny_text_recipe(tmp_path, distill_steps=5, tune_steps=4)
     recipe = load_recipe(path, ["prune.enabled=true", "prune.budgets=[0.5,0.8]", "prune.recovery_steps=3",
@@ -188,7 +188,7 @@ def test_the_hoyer_importance_trains_with_the_penalty_before_cutting(tmp_path):
     from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
-    from replacer.run import run_recipe
+    from replacer.run.runner import run_recipe
 
     path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
     recipe = load_recipe(path, ["prune.enabled=true", "prune.budgets=[0.7]", "prune.importance=hoyer",
@@ -223,7 +223,7 @@ def test_an_interrupted_prune_stage_resumes_from_its_finished_budgets(tmp_path):
     from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
-    from replacer.run import run_recipe
+    from replacer.run.runner import run_recipe
 
     path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
     sets = ["prune.enabled=true", "prune.budgets=[0.8,0.5]", "prune.recovery_steps=2", "prune.importance=hoyer",
@@ -282,8 +282,8 @@ def test_an_unreachable_latency_budget_fails_and_leaves_the_model_whole():
 def test_a_recipe_prunes_to_latency_budgets_and_reports_the_timings(tmp_path, monkeypatch):
     from helpers import tiny_text_recipe
 
-    import replacer.run as run_module
-    import replacer.stages as stages
+    import replacer.run.runner as run_module
+    import replacer.run.stages as stages
     from replacer.recipe import load_recipe
 
     monkeypatch.setattr(stages, "latency_measure", lambda *_: params_clock(0.5))
@@ -305,8 +305,8 @@ def test_a_recipe_prunes_to_latency_budgets_and_reports_the_timings(tmp_path, mo
 def test_an_unreachable_latency_budget_stops_the_stage_and_keeps_the_budgets_before_it(tmp_path, monkeypatch):
     from helpers import tiny_text_recipe
 
-    import replacer.run as run_module
-    import replacer.stages as stages
+    import replacer.run.runner as run_module
+    import replacer.run.stages as stages
     from replacer.recipe import load_recipe
 
     monkeypatch.setattr(stages, "latency_measure", lambda *_: params_clock(0.5))

@@ -107,10 +107,10 @@ def test_teacher_training_needs_random_initial_weights(tmp_path):
      r"prune.budgets \[0.1\]: \d+% of the student's parameters sit outside every prunable group .* must be above 0\.\d\d"),
 ])
 def test_validate_and_run_report_what_the_model_and_data_cannot_satisfy_before_any_work(tmp_path, override, message, monkeypatch):
-    import replacer.run
+    import replacer.run.runner
 
     started = []
-    monkeypatch.setattr(replacer.run, "run_stages", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(replacer.run.runner, "run_stages", lambda *a, **k: started.append(1))
     runner = CliRunner()
     path = write(tmp_path, MINIMAL + f"run_dir: {tmp_path / 'run'}\n")
     for command in ("validate", "run"):

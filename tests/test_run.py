@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from replacer.cli import app
 from replacer.recipe import load_recipe
-from replacer.run import run_recipe
+from replacer.run.runner import run_recipe
 from helpers import tiny_text_recipe
 
 ROOT = Path(__file__).parent.parent

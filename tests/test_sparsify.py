@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import FAMILIES, output_tensor, tiny_deit, tiny_llama
-from replacer.sparsify import sparse_attention
+from replacer.run.sparse_teacher import sparse_attention
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_top_k_with_every_key_is_the_dense_attention_and_is_undone(name):
@@ -54,7 +54,7 @@ def test_a_recipe_distills_from_a_sparsified_teacher(tmp_path):
     from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
-    from replacer.run import run_recipe
+    from replacer.run.runner import run_recipe
 
     path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
     recipe = load_recipe(path, ["sparsify.enabled=true", "sparsify.top_k=2", "sparsify.recovery_steps=3",

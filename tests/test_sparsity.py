@@ -124,7 +124,7 @@ def _fake_statistics(entropies: dict[str, float], recency: dict[str, list[float]
 
 def test_site_policies_select_what_they_claim():
     from replacer.recipe import SitePolicy
-    from replacer.selection import choose_sites
+    from replacer.run.selection import choose_sites
 
     model = tiny_llama()
     sites = replacer.scan(model).sites
@@ -184,7 +184,7 @@ def test_a_recipe_with_the_sparsest_policy_analyses_then_replaces_that_layer(tmp
     from helpers import tiny_text_recipe
 
     from replacer.recipe import load_recipe
-    from replacer.run import run_recipe
+    from replacer.run.runner import run_recipe
 
     path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
     recipe = load_recipe(path, ["sites={policy: sparsest, layers: 1}", "analyze.batches=2"])

@@ -1,8 +1,8 @@
-"""replacer.evaluate's timing: calls compared with each other are timed in turns, so drift hits all alike."""
+"""replacer.metrics.timing: calls compared with each other are timed in turns, so drift hits all alike."""
 
 from __future__ import annotations
 
-from replacer.evaluate import interleaved_median_ms, median_ms
+from replacer.metrics.timing import interleaved_median_ms, median_ms
 
 
 def test_calls_are_timed_in_rotating_turns():

@@ -76,7 +76,7 @@ def test_bad_recipe_is_one_line_before_any_work(tmp_path, case, command, monkeyp
     path = recipe_with(tmp_path)
     if write is not None:
         write(path)
-    import replacer.run as run_module
+    import replacer.run.runner as run_module
 
     monkeypatch.setattr(run_module, "preflight", lambda *_: pytest.fail("work started before the recipe was checked"))
     assert_one_line_error(invoke(command, path, *extra), pattern)
@@ -115,7 +115,7 @@ def test_run_dir_that_is_a_file(tmp_path):
 
 
 def test_second_run_into_a_locked_directory_names_the_holder(tmp_path):
-    from replacer.run_dir import RunLock, claim
+    from replacer.run.layout import RunLock, claim
 
     path = recipe_with(tmp_path)
     claim(tmp_path / "run", None)
@@ -146,14 +146,14 @@ def test_a_run_that_failed_on_a_user_error_does_not_pin_its_recipe(tmp_path):
 def test_disk_full_is_one_line_and_finished_stages_stay(tmp_path, monkeypatch):
     import errno
 
-    import replacer.report
+    import replacer.report.markdown
 
     path = recipe_with(tmp_path)
 
     def full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "report.json"))
 
-    monkeypatch.setattr(replacer.report, "write_text_atomically", full)
+    monkeypatch.setattr(replacer.report.markdown, "write_text_atomically", full)
     assert_one_line_error(invoke("run", path), r"cannot use .*report.json: No space left on device; free some disk space")
     stages = json.loads((tmp_path / "run" / "state.json").read_text())["stages"]
     assert {"distill", "tune", "evaluate", "export"} <= set(stages)
@@ -174,11 +174,11 @@ def test_read_only_finished_run(tmp_path):
 
 
 def test_unwritable_run_dir_is_named(tmp_path, monkeypatch):
-    import replacer.run_dir
+    import replacer.run.layout
 
     path = recipe_with(tmp_path)
     (tmp_path / "run").mkdir()
-    monkeypatch.setattr(replacer.run_dir, "writable", lambda _: False)
+    monkeypatch.setattr(replacer.run.layout, "writable", lambda _: False)
     assert_one_line_error(invoke("run", path), r"run directory .*run is not writable")
 
 
@@ -249,9 +249,9 @@ def test_nan_teacher_names_the_site(tmp_path):
 
 
 def test_diverging_loss_stops_with_site_and_step_and_keeps_the_last_checkpoint(tmp_path):
-    from replacer.distill.loop import train_loop
+    from replacer.train.loop import train_loop
     from replacer.errors import DivergedError
-    from replacer.training_state import load_state
+    from replacer.train.state import load_state
 
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.Adam([weight], lr=0.1)

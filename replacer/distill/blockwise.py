@@ -18,18 +18,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from replacer.batches import BatchPlan
+from replacer.train.batches import BatchPlan
 from replacer.errors import DivergedError, ReplacerError
 from replacer.distill.capture import DiskStore, MemoryStore, capture_sites
 from replacer.distill.losses import site_loss
 from replacer.graph.adapter import ReplacedAttention, site_wrappers
 from replacer.recipe import DistillSpec
 from replacer.tasks import Task
-from replacer.distill.loop import train_loop
-from replacer.distributed import SINGLE, World
+from replacer.train.loop import train_loop
+from replacer.train.distributed import SINGLE, World
 from replacer.files import read_or_explain, write_atomically
-from replacer.optimizers import adam
-from replacer.training_state import clear_state
+from replacer.train.optimizers import adam
+from replacer.train.state import clear_state
 from replacer.progress import Advance
 
 if TYPE_CHECKING:

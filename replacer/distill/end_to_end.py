@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from replacer.batches import BatchPlan
+from replacer.train.batches import BatchPlan
 from replacer.distill.lora import add_lora, is_lora_parameter, merge_lora
-from replacer.distill.loop import train_loop
-from replacer.distributed import SINGLE, World
+from replacer.train.loop import train_loop
+from replacer.train.distributed import SINGLE, World
 from replacer.errors import ReplacerError
-from replacer.optimizers import adam
+from replacer.train.optimizers import adam
 from replacer.recipe import TuneSpec
 from replacer.tasks import Batch, Task
 from replacer.progress import Advance

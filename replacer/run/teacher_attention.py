@@ -9,7 +9,7 @@ from typing import Any
 from rich.table import Table
 from torch import nn
 
-from replacer.batches import BatchPlan
+from replacer.train.batches import BatchPlan
 from replacer.errors import ReplacerError
 from replacer.graph.scan import scan
 from replacer.files import read_or_explain, write_text_atomically

@@ -17,14 +17,14 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from replacer.batches import BatchPlan
-from replacer.distill.loop import train_loop
+from replacer.train.batches import BatchPlan
+from replacer.train.loop import train_loop
 from replacer.errors import CheckpointError, ReplacerError, summary
 from replacer.files import write_atomically
 from replacer.recipe import Recipe
 from replacer.tasks import Task
-from replacer.optimizers import adamw
-from replacer.training_state import clear_state
+from replacer.train.optimizers import adamw
+from replacer.train.state import clear_state
 from replacer.progress import Advance
 
 

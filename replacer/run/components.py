@@ -11,7 +11,7 @@ import inspect
 from replacer.errors import OptionsError
 from replacer.plugins import get_registry
 from replacer.recipe import Recipe, RecipeError
-from replacer.selection import needs_analysis
+from replacer.run.selection import needs_analysis
 
 
 def check_components(recipe: Recipe) -> None:

@@ -3,7 +3,7 @@
 Each stage says whether the recipe wants it, whether it is skipped once recorded as finished
 (`resumable`) or runs every time and finds its own cached output (the teacher, the analysis, the
 sparse teacher: later stages need what they produce), whether only rank 0 runs it, and what it adds
-to `state.json`. `run_stages` (in `replacer.run`) does the timing and the bookkeeping for all of them.
+to `state.json`. `run_stages` (in `replacer.run.runner`) does the timing and the bookkeeping for all of them.
 """
 
 from __future__ import annotations
@@ -21,31 +21,33 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from replacer import analysis
-from replacer.attention_analysis import analyze_teacher
-from replacer.batches import BatchPlan
+from replacer.report.figures import plot_head_heatmaps, write_figures
+from replacer.run.teacher_attention import analyze_teacher
+from replacer.train.batches import BatchPlan
 from replacer.checkpoint import load, save
 from replacer.distill.blockwise import distill_blockwise
 from replacer.distill.end_to_end import tune_end_to_end
-from replacer.distributed import World
+from replacer.train.distributed import World
 from replacer.ecosystem import ModelContext
-from replacer.evaluate import evaluate, median_latency_ms, outputs, write_figures
+from replacer.metrics.evaluate import evaluate, outputs
+from replacer.metrics.timing import median_latency_ms
 from replacer.exporting import export_formats, export_into
 from replacer.files import write_text_atomically
 from replacer.graph.scan import scan
-from replacer.inputs import export_context
+from replacer.run.inputs import export_context
 from replacer.plugins import get_registry
 from replacer.progress import Progress
 from replacer.pruning.latency import Measure
-from replacer.pruning.stage import budget_name, prune_budgets
+from replacer.run.layout import budget_name
+from replacer.run.prune_stage import prune_budgets
 from replacer.recipe import Recipe
 from replacer.replace import replace
-from replacer.run_dir import RunDir, RunLayout
-from replacer.selection import Selection, choose_sites, needs_analysis
-from replacer.sparsify import sparsified_teacher
+from replacer.run.layout import RunDir, RunLayout
+from replacer.run.selection import Selection, choose_sites, needs_analysis
+from replacer.run.sparse_teacher import sparsified_teacher
 from replacer.tasks import Batch, Task
-from replacer.teacher import obtain_teacher
-from replacer.training_state import clear_state
+from replacer.run.teacher import obtain_teacher
+from replacer.train.state import clear_state
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +165,7 @@ class AnalyzeStage(Stage):
         with ctx.progress.task(f"analyze: {spec.analyzer}", 1) as advance, ctx.world.main_first():
             ctx.statistics = analyze_teacher(ctx.teacher, ctx.task, ctx.plan, spec, ctx.layout.analysis)
             if ctx.recipe.evaluate.figures and ctx.world.is_main:
-                analysis.plot_head_heatmaps(ctx.statistics, ctx.layout.figures / "teacher_attention.png")
+                plot_head_heatmaps(ctx.statistics, ctx.layout.figures / "teacher_attention.png")
             advance()
         return {}
 

@@ -16,30 +16,20 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import nn
 
-from replacer.batches import BatchPlan
+from replacer.train.batches import BatchPlan
 from replacer.checkpoint import load, save
 from replacer.distill.end_to_end import student_loss, tune_end_to_end
-from replacer.distributed import SINGLE, World
+from replacer.train.distributed import SINGLE, World
 from replacer.errors import ReplacerError
 from replacer.pruning import GroupIndex, cut, hoyer_square, importance_scores, index_target, mixer_parameters, model_parameters
 from replacer.pruning.latency import Measure, fit_latency
 from replacer.recipe import PruneSpec, TuneSpec
-from replacer.run_dir import HOYER, PRUNED_PREFIX
+from replacer.run.layout import HOYER, budget_name
 from replacer.tasks import Task
-from replacer.training_state import clear_state
+from replacer.train.state import clear_state
 
 if TYPE_CHECKING:
     from replacer.progress import Progress
-
-
-def budget_name(budget: float) -> str:
-    return f"{PRUNED_PREFIX}{budget * 100:g}"
-
-
-def budget_family(models: list[str]) -> list[str]:
-    """The tuned student ("distilled") and the students pruned from it, in report order; empty when none was pruned."""
-    family = [m for m in models if m == "distilled" or m.startswith(PRUNED_PREFIX)]
-    return family if len(family) > 1 else []
 
 
 def prune_budgets(

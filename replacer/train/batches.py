@@ -11,7 +11,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from replacer.distributed import SINGLE, World
+from replacer.train.distributed import SINGLE, World
 from replacer.tasks import Batch
 
 POOL_BATCHES = 50

@@ -12,15 +12,15 @@ from typing import TYPE_CHECKING, Callable, Iterator
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from replacer.batches import BatchPlan
+from replacer.train.batches import BatchPlan
 from replacer.distill.end_to_end import tune_end_to_end
-from replacer.distributed import SINGLE, World
+from replacer.train.distributed import SINGLE, World
 from replacer.files import read_or_explain, write_atomically
 from replacer.graph.scan import scan
 from replacer.plugins import get_registry
 from replacer.recipe import SparsifySpec, TuneSpec
 from replacer.tasks import Task
-from replacer.training_state import clear_state
+from replacer.train.state import clear_state
 
 if TYPE_CHECKING:
     from replacer.progress import Progress

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from replacer.distributed import SINGLE, World
+from replacer.train.distributed import SINGLE, World
 from replacer.errors import RunDirectoryError
 from replacer.files import read_or_explain, remove_leftovers, write_text_atomically
 from replacer.recipe import LATER, Recipe, RecipeError
@@ -297,3 +297,13 @@ class RunDir:
         """Append one record; ranks append whole lines, so records from several ranks interleave safely."""
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+
+
+def budget_name(budget: float) -> str:
+    return f"{PRUNED_PREFIX}{budget * 100:g}"
+
+
+def budget_family(models: list[str]) -> list[str]:
+    """The tuned student ("distilled") and the students pruned from it, in report order; empty when none was pruned."""
+    family = [m for m in models if m == "distilled" or m.startswith(PRUNED_PREFIX)]
+    return family if len(family) > 1 else []

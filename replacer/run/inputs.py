@@ -153,7 +153,7 @@ def check_model_budgets(recipe: Recipe, teacher: nn.Module) -> None:
     from replacer.graph.scan import scan
     from replacer.pruning import fixed_fraction
     from replacer.replace import replace
-    from replacer.selection import choose_sites
+    from replacer.run.selection import choose_sites
 
     spec, policy = recipe.prune, recipe.sites
     if not (spec.enabled and spec.scope == "model" and spec.target == "params"):

@@ -20,20 +20,20 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from replacer import analysis
-from replacer.attention_analysis import analyze_teacher
-from replacer.batches import BatchPlan
-from replacer.components import check_components
-from replacer.distributed import SINGLE, World
+from replacer.report.figures import plot_head_heatmaps
+from replacer.run.teacher_attention import analyze_teacher
+from replacer.train.batches import BatchPlan
+from replacer.run.components import check_components
+from replacer.train.distributed import SINGLE, World
 from replacer.graph.scan import scan
-from replacer.inputs import is_text, load_examples, load_tokenizer, max_text_length, preflight
+from replacer.run.inputs import is_text, load_examples, load_tokenizer, max_text_length, preflight
 from replacer.progress import for_console
 from replacer.recipe import Recipe
-from replacer.report import write_report
-from replacer.run_dir import RunDir, check_run_dir
-from replacer.stages import STAGES, RunContext, example_lengths, read_evaluation
+from replacer.report.markdown import write_report
+from replacer.run.layout import RunDir, check_run_dir
+from replacer.run.stages import STAGES, RunContext, example_lengths, read_evaluation
 from replacer.tasks import Task, resolve_task
-from replacer.teacher import obtain_teacher
+from replacer.run.teacher import obtain_teacher
 
 
 def prepare(recipe: Recipe) -> tuple[nn.Module, Task, BatchPlan]:
@@ -58,7 +58,7 @@ def analyze_recipe(recipe: Recipe, folder: Path, console: Console) -> dict[str, 
         with progress.task(f"analyze: {recipe.analyze.analyzer}", 1) as advance:
             statistics = analyze_teacher(teacher, task, plan, recipe.analyze, folder)
             advance()
-    analysis.plot_head_heatmaps(statistics, folder / "teacher_attention.png")
+    plot_head_heatmaps(statistics, folder / "teacher_attention.png")
     return statistics
 
 

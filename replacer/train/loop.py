@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from replacer.distributed import SINGLE, World
+from replacer.train.distributed import SINGLE, World
 from replacer.errors import DivergedError
-from replacer.training_state import load_state, save_state
+from replacer.train.state import load_state, save_state
 from replacer.progress import Advance
 
 

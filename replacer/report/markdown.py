@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from replacer.files import write_text_atomically
-from replacer.pruning.stage import budget_family
+from replacer.run.layout import budget_family
 from replacer.recipe import Recipe
-from replacer.run_dir import RunLayout
+from replacer.run.layout import RunLayout
 from replacer.tasks import Task
 
 

@@ -11,12 +11,12 @@ from typing import Any
 from replacer.checkpoint import load
 from replacer.errors import ReplacerError
 from replacer.files import write_text_atomically
-from replacer.inputs import load_examples
+from replacer.run.inputs import load_examples
 from replacer.plugins import get_registry
 from replacer.recipe import TextData
-from replacer.report import render_markdown
-from replacer.run_dir import RunLayout
-from replacer.saved_source import SavedSource
+from replacer.report.markdown import render_markdown
+from replacer.run.layout import RunLayout
+from replacer.run.saved_source import SavedSource
 
 
 def evaluate_saved(

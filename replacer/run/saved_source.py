@@ -10,9 +10,9 @@ from torch import nn
 
 from replacer.ecosystem import ModelContext
 from replacer.errors import ReplacerError
-from replacer.inputs import export_context, is_text, load_teacher
+from replacer.run.inputs import export_context, is_text, load_teacher
 from replacer.recipe import ModelSpec, Recipe, load_recipe
-from replacer.run_dir import RESOLVED_RECIPE, RunLayout
+from replacer.run.layout import RESOLVED_RECIPE, RunLayout
 from replacer.tasks import task_kind
 
 
