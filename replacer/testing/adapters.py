@@ -24,6 +24,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from replacer.defaults import DEFAULT_MIXER
 from replacer.graph.adapter import Adapter, ReplacedAttention, site_wrappers
 from replacer.graph.site import LinearWeights, Site
 from replacer.testing.counting import main_tensor
@@ -34,7 +35,7 @@ PAD = 3  # padded positions appended to every text
 
 @torch.no_grad()
 def check_adapter(
-    model: Callable[[], nn.Module], inputs: Inputs, adapter: str | None = None, plugin: str = "lstm",
+    model: Callable[[], nn.Module], inputs: Inputs, adapter: str | None = None, plugin: str = DEFAULT_MIXER,
     tmp_dir: str | None = None, rebuild: bool = True,
 ) -> None:
     """Check an adapter on a small model of its family.
