@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from types import UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -46,11 +47,34 @@ class ModelSpec(Strict):
 
 class TextData(Strict):
     kind: Literal["text"] = Field("text", description="plain text (the default kind)")
-    source: str = Field(description="docstrings, wordnet, fortunes, bible, file:PATH, jsonl:PATH or hf:NAME")
+    source: str = Field(description="docstrings, wordnet, fortunes, bible, file:PATH, prose:GLOB, jsonl:PATH or hf:NAME")
+    parts: list[str] | None = Field(
+        None, description="named parts of the source: fortune files (songs-poems, knghtbrd, ...) or WordNet's noun, verb, adj, adv"
+    )
+    match: str | None = Field(None, description="keep the texts in which this regular expression is found (before limit)")
+    label: str | None = Field(None, description="the name its figures go under in the report (default: source, parts, match)")
     limit: PositiveInt | None = Field(None, description="at most this many examples (default: all)")
     field: str = Field("text", description="the text field of a JSONL file or a datasets dataset")
     split: str = Field("train", description="the split of a datasets dataset")
     max_length: PositiveInt = Field(128, description="tokens per example; longer texts are cut")
+
+    @field_validator("match")
+    @classmethod
+    def _is_pattern(cls, match: str | None) -> str | None:
+        if match is not None:
+            try:
+                re.compile(match)
+            except re.error as exc:
+                raise ValueError(f"{match!r} is not a regular expression ({exc})") from None
+        return match
+
+    @property
+    def name(self) -> str:
+        """What the report calls this source."""
+        if self.label:
+            return self.label
+        parts = f"[{', '.join(self.parts)}]" if self.parts else ""
+        return self.source + parts + (f" ~ /{self.match}/" if self.match else "")
 
 
 class ImageFolderData(Strict):
@@ -58,6 +82,11 @@ class ImageFolderData(Strict):
     root: Path = Field(description="the folder holding the class folders")
     image_size: PositiveInt = Field(224, description="images are resized and centre-cropped to this size")
     limit: PositiveInt | None = Field(None, description="at most this many images (default: all)")
+
+    @property
+    def name(self) -> str:
+        """What the report calls this source."""
+        return str(self.root)
 
 
 class IdxData(Strict):
@@ -68,19 +97,39 @@ class IdxData(Strict):
     split: Literal["train", "test"] = Field("train", description="train (60k) or test (10k, t10k-* files)")
     limit: PositiveInt | None = Field(None, description="at most this many images (default: all)")
 
+    @property
+    def name(self) -> str:
+        """What the report calls this source."""
+        return f"{self.folder.name} {self.split}"
+
 
 class DigitsData(Strict):
     kind: Literal["digits"] = Field(description="scikit-learn's 8 x 8 handwritten digits (bundled with it)")
     split: Literal["train", "test"] = Field("train", description="a fixed 80 / 20 split")
+
+    @property
+    def name(self) -> str:
+        """What the report calls this source."""
+        return f"digits {self.split}"
 
 
 DataSource = Annotated[Union[TextData, ImageFolderData, IdxData, DigitsData], Field(discriminator="kind")]
 
 
 class DataSpec(Strict):
-    train: list[DataSource] = Field(min_length=1, description="mixed in equal shares by example count")
-    eval: list[DataSource] = Field(min_length=1, description="held out; ideally another source than train")
+    train: list[DataSource] = Field(min_length=1, description="concatenated: each source's share is its example count")
+    eval: list[DataSource] = Field(
+        min_length=1, description="held out, ideally genres unlike train's; with several, the report gives each its own figures"
+    )
     batch_size: PositiveInt = Field(32, description="examples per batch in every stage")
+
+    @model_validator(mode="after")
+    def _eval_names_differ(self) -> DataSpec:
+        names = [source.name for source in self.eval]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"eval sources share the name {', '.join(repeated)}: give each a distinct label")
+        return self
 
 
 class TeacherSpec(Strict):

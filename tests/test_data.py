@@ -25,11 +25,13 @@ from replacer.data import (
     ImageFolderDataset,
     digits_dataset,
     docstring_sentences,
+    fortune_parts,
     fortune_sentences,
     hf_dataset_texts,
     is_prose,
     jsonl_texts,
     load_texts,
+    prose_sentences,
     read_idx,
     split_sentences,
     split_texts,
@@ -120,6 +122,14 @@ def test_wordnet_parses_glosses_and_examples(tmp_path):
     assert wordnet_sentences(tmp_path / "wn", limit=2, seed=3) == wordnet_sentences(tmp_path / "wn", seed=3)[:2]
 
 
+def test_wordnet_parts_are_parts_of_speech(tmp_path):
+    root = make_wordnet(tmp_path / "wn")
+    assert wordnet_sentences(root, parts=["verb"]) == ["Draw air into, and expel out of, the lungs."]
+    assert len(wordnet_sentences(root, parts=["noun"])) == 4
+    with pytest.raises(DataError, match="wordnet has no part 'verbs' .did you mean 'verb'.*choose from noun, verb, adj, adv"):
+        wordnet_sentences(root, parts=["verbs"])
+
+
 def test_wordnet_missing_dir(tmp_path):
     with pytest.raises(DataError) as exc:
         wordnet_sentences(tmp_path / "nowhere")
@@ -153,6 +163,19 @@ def test_fortunes_parse_entries(tmp_path):
         "A journey of a thousand miles begins with a single step.",
         "Two lines of wisdom that belong together in one entry.",
     ]
+
+
+def test_fortune_parts_read_only_the_named_files(tmp_path):
+    root = make_fortunes(tmp_path / "fortunes")
+    (root / "songs-poems").write_text("Roses are red and violets are blue, sugar is sweet.\n%\n")
+    assert fortune_parts(root) == ["songs-poems", "wisdom"]
+    assert fortune_sentences(root, parts=["songs-poems"]) == ["Roses are red and violets are blue, sugar is sweet."]
+    assert sorted(fortune_sentences(root, parts=["wisdom", "songs-poems"])) == sorted(fortune_sentences(root))
+    with pytest.raises(DataError) as exc:
+        fortune_sentences(root, parts=["songs-poem"])
+    assert one_line(exc) == "fortunes has no part 'songs-poem' (did you mean 'songs-poems'?): choose from songs-poems, wisdom"
+    with pytest.raises(DataError, match="parts of fortunes are an empty list"):
+        fortune_sentences(root, parts=[])
 
 
 def test_fortunes_missing_dir(tmp_path):
@@ -242,6 +265,37 @@ def test_text_file_errors(tmp_path):
         text_file_lines([tmp_path / "blank.txt"])
 
 
+def test_prose_files_join_wrapped_lines_into_sentences(tmp_path):
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "one.txt").write_text(
+        "The licence is granted to\nanyone who asks for it politely.  It may be\nrevoked at any time.\n\n"
+        "  SECTION 2\n\nNo warranty of any kind is given by the authors here.\n"
+    )
+    (tmp_path / "book" / "two.md").write_text("A second file holds one more sentence of plain prose.\n")
+    assert sorted(prose_sentences(str(tmp_path / "book" / "*"))) == [
+        "A second file holds one more sentence of plain prose.",
+        "It may be revoked at any time.",
+        "No warranty of any kind is given by the authors here.",
+        "The licence is granted to anyone who asks for it politely.",
+    ]
+    assert load_texts(f"prose:{tmp_path / 'book' / 'two.md'}") == ["A second file holds one more sentence of plain prose."]
+    with pytest.raises(DataError, match="no file matches"):
+        prose_sentences(str(tmp_path / "nothing" / "*"))
+
+
+def test_match_keeps_matching_texts_before_the_limit(tmp_path):
+    lines = _write(tmp_path / "t.txt", "no digits here\n3 apples and 4 pears\nanother plain one\n12 kg of flour\n")
+    assert sorted(load_texts(f"file:{lines}", match=r"\d")) == ["12 kg of flour", "3 apples and 4 pears"]
+    assert len(load_texts(f"file:{lines}", match=r"\d", limit=1)) == 1
+    assert load_texts(f"file:{lines}", match=r"\d", limit=1, seed=2) == load_texts(f"file:{lines}", match=r"\d", seed=2)[:1]
+    with pytest.raises(DataError, match="no text of file:.* matches 'zebra'"):
+        load_texts(f"file:{lines}", match="zebra")
+    with pytest.raises(DataError, match="is not a regular expression"):
+        load_texts(f"file:{lines}", match="([")
+    with pytest.raises(DataError, match="text source 'file:.*' has no parts: parts apply to wordnet, fortunes"):
+        load_texts(f"file:{lines}", parts=["a"])
+
+
 def test_jsonl_texts(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"text": "hello world", "body": "x"}) + "\n\n" + json.dumps({"text": "bye", "body": "y"}) + "\n")
@@ -293,7 +347,7 @@ def test_load_texts_unknown_source():
         load_texts("wikipedia", limit=10, seed=0)
     message = one_line(exc)
     assert "unknown text source 'wikipedia'" in message
-    assert all(form in message for form in ("docstrings", "wordnet", "fortunes", "file:PATH", "jsonl:PATH", "hf:NAME"))
+    assert all(form in message for form in ("docstrings", "wordnet", "fortunes", "file:PATH", "prose:GLOB", "jsonl:PATH", "hf:NAME"))
 
 
 def test_limit_validation():

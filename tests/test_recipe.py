@@ -77,6 +77,16 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_recipe(tmp_path / "nope.yaml")
 
 
+def test_text_selection_fields_are_checked_with_the_recipe(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    with pytest.raises(RecipeError, match=r"data.train.0.match: .*'\(\[' is not a regular expression"):
+        load_recipe(path, ["data.train=[{kind: text, source: wordnet, match: '(['}]"])
+    with pytest.raises(RecipeError, match="eval sources share the name wordnet: give each a distinct label"):
+        load_recipe(path, ["data.eval=[{kind: text, source: wordnet, limit: 5}, {kind: text, source: wordnet}]"])
+    recipe = load_recipe(path, ["data.eval=[{kind: text, source: fortunes, parts: [law]}, {kind: text, source: wordnet, match: '\\d', label: numbers}]"])
+    assert [s.name for s in recipe.data.eval] == ["fortunes[law]", "numbers"]
+
+
 def test_cli_validate(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["validate", str(write(tmp_path, MINIMAL))])
@@ -103,6 +113,10 @@ def test_teacher_training_needs_random_initial_weights(tmp_path):
     ("sites={policy: random, layers: 40}", r"sites.layers=40 but BertModel has 6 replaceable layers"),
     ("data.train=[{kind: text, source: 'jsonl:/nonexistent/texts.jsonl'}]", r"data.train\[0\].source jsonl:/nonexistent/texts.jsonl: .* does not exist"),
     ("data.eval=[{kind: text, source: fortunez}]", r"data.eval\[0\].source: unknown text source 'fortunez'"),
+    ("data.train=[{kind: text, source: wordnet, parts: [verbs]}]",
+     r"data.train\[0\].parts: wordnet has no part 'verbs' \(did you mean 'verb'\?\): choose from noun, verb, adj, adv"),
+    ("data.train=[{kind: text, source: bible, parts: [Psalms]}]", r"data.train\[0\].parts: text source 'bible' has no parts"),
+    ("data.eval=[{kind: text, source: 'prose:/nonexistent/*.txt'}]", r"data.eval\[0\].source prose:/nonexistent/\*.txt: no file matches"),
     ("prune={enabled: true, scope: model, budgets: [0.95, 0.1]}",
      r"prune.budgets \[0.1\]: \d+% of the student's parameters sit outside every prunable group .* must be above 0\.\d\d"),
 ])

@@ -47,6 +47,27 @@ def test_tiny_run_produces_every_output(tmp_path):
     assert "| embedding_cosine_mean |" in (run / "report.md").read_text()
 
 
+def test_each_held_out_source_gets_its_own_figures(tmp_path):
+    path = tiny_text_recipe(tmp_path, distill_steps=2, tune_steps=2)
+    second = tmp_path / "numbers.txt"
+    second.write_text("\n".join(f"{i} kg and {i * 3} m of item {i % 5}" for i in range(24)))
+    extra = f'{{kind: text, source: "file:{second}", label: numbers, max_length: 16}}'
+    text = path.read_text().replace("max_length: 16}]\n  batch_size", f"max_length: 16}}, {extra}]\n  batch_size")
+    assert text != path.read_text()
+    path.write_text(text.replace("evaluate: {latency_repeats: 2}", "evaluate: {latency: false, figures: false}"))
+    report = run_recipe(load_recipe(path))
+    by_source = report["fidelity_by_source"]
+    first = f"file:{tmp_path / 'eval.txt'}"
+    assert list(by_source) == [first, "numbers"]
+    held = {first: 40, "numbers": 24}
+    for model, overall in report["fidelity"].items():  # the whole is the example-weighted mean of its parts
+        parts = sum(by_source[name][model]["embedding_cosine_mean"] * n for name, n in held.items()) / sum(held.values())
+        assert overall["embedding_cosine_mean"] == pytest.approx(parts, abs=1e-5)
+        assert by_source[first][model] != by_source["numbers"][model]
+    markdown = (tmp_path / "run" / "report.md").read_text()
+    assert "## Fidelity by held-out source" in markdown and "| numbers | embedding_cosine_mean |" in markdown
+
+
 def test_rerunning_a_finished_run_redoes_nothing(tmp_path):
     recipe = load_recipe(tiny_text_recipe(tmp_path, distill_steps=5, tune_steps=2))
     run_recipe(recipe)

@@ -15,14 +15,17 @@ from replacer.data.images import (
     read_idx,
 )
 from replacer.data.text import (
+    SOURCE_PARTS,
     TEXT_SOURCES,
     bible_sentences,
     docstring_sentences,
+    fortune_parts,
     fortune_sentences,
     hf_dataset_texts,
     is_prose,
     jsonl_texts,
     load_texts,
+    prose_sentences,
     split_sentences,
     split_texts,
     text_file_lines,
@@ -31,8 +34,8 @@ from replacer.data.text import (
 from replacer.errors import DataError
 
 __all__ = [
-    "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "IMAGENET_MEAN", "IMAGENET_STD", "TEXT_SOURCES", "DataError",
-    "bible_sentences",
+    "FASHION_MNIST_CLASSES", "FASHION_MNIST_ROOT", "IMAGENET_MEAN", "IMAGENET_STD", "SOURCE_PARTS", "TEXT_SOURCES", "DataError",
+    "bible_sentences", "fortune_parts", "prose_sentences",
     "IdxImageDataset", "ImageFolderDataset", "digits_dataset", "docstring_sentences", "fortune_sentences",
     "hf_dataset_texts", "is_prose", "jsonl_texts", "load_texts", "read_idx", "split_sentences", "split_texts",
     "text_file_lines", "wordnet_sentences",

@@ -7,8 +7,10 @@ same texts in the same order, and `limit` always takes a prefix of that order.
 from __future__ import annotations
 
 import ast
+import difflib
 import functools
 import gc
+import glob
 import json
 import multiprocessing
 import os
@@ -19,7 +21,7 @@ import sys
 import struct
 import sysconfig
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,7 +40,7 @@ _SKIP_DIRS = frozenset(
     {"test", "tests", "testing", "idlelib", "lib2to3", "site-packages", "__pycache__", "_vendor", "vendor", "_vendored"}
 )
 _DOC_NODES = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-_WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
+WORDNET_PARTS = ("noun", "verb", "adj", "adv")
 _SENTENCE_END = re.compile(r"(?<=[.?!])\s+(?=[A-Z])")
 # A paragraph holding any of these lines is a parameter table, list, section header or code block.
 _MARKUP_LINE = re.compile(
@@ -53,8 +55,8 @@ _MARKUP_LINE = re.compile(
 _CODE_MARKS = (">>>", "::", " : ", "`", "_", "|", "{", "}", "[", "<", ">", "$", "*", "\\", "=", "http")
 
 SOURCE_FORMS = (
-    "docstrings, wordnet, fortunes, bible, file:PATH (one text per line), jsonl:PATH (field=NAME), "
-    "hf:NAME (split=SPLIT, field=NAME)"
+    "docstrings, wordnet, fortunes, bible, file:PATH (one text per line), prose:GLOB (sentences of plain-text files), "
+    "jsonl:PATH (field=NAME), hf:NAME (split=SPLIT, field=NAME)"
 )
 
 
@@ -159,11 +161,17 @@ def _docstring_prose(doc: str) -> Iterator[str]:
             yield from filter(is_prose, split_sentences(paragraph))
 
 
-def wordnet_sentences(root: str | Path = WORDNET_ROOT, limit: int | None = None, seed: int = 0) -> list[str]:
-    """WordNet glosses and their quoted usage examples, each as its own sentence."""
+def wordnet_sentences(
+    root: str | Path = WORDNET_ROOT, limit: int | None = None, seed: int = 0, parts: Sequence[str] | None = None
+) -> list[str]:
+    """WordNet glosses and their quoted usage examples, each as its own sentence.
+
+    `parts` keeps some parts of speech (noun, verb, adj, adv); all by default.
+    """
     check_limit(limit)
     folder = Path(root)
-    files = [folder / name for name in _WORDNET_FILES if (folder / name).is_file()]
+    chosen = _chosen_parts("wordnet", parts, WORDNET_PARTS)
+    files = [folder / f"data.{name}" for name in chosen if (folder / f"data.{name}").is_file()]
     if not files:
         raise DataError(
             f"WordNet not found at {folder} (no data.noun/verb/adj/adv): install the Debian package "
@@ -189,23 +197,55 @@ def _as_sentence(text: str) -> str:
     return text if text.endswith((".", "?", "!")) else text + "."
 
 
-def fortune_sentences(root: str | Path = FORTUNES_ROOT, limit: int | None = None, seed: int = 0) -> list[str]:
+def fortune_sentences(
+    root: str | Path = FORTUNES_ROOT, limit: int | None = None, seed: int = 0, parts: Sequence[str] | None = None
+) -> list[str]:
     """Entries of the plain-text fortune files, each entry one text, whitespace collapsed.
 
-    Only extensionless files directly in `root` are read: `.dat` indexes and `.u8` links are
-    duplicates, and `off/` holds the offensive collection.
+    `parts` names the files to read (one genre each: `songs-poems` is verse, `knghtbrd` IRC chat,
+    `definitions` mock definitions); all by default. Only extensionless files directly in `root`
+    are read: `.dat` indexes and `.u8` links are duplicates, and `off/` holds the offensive collection.
     """
     check_limit(limit)
     folder = Path(root)
-    files = sorted(p for p in folder.glob("*") if p.is_file() and not p.suffix) if folder.is_dir() else []
-    if not files:
+    found = fortune_parts(folder)
+    if not found:
         raise DataError(
             f"fortunes not found at {folder}: install the Debian package `fortunes` "
             "(apt-get install fortunes) or use another text source"
         )
+    files = [folder / name for name in _chosen_parts("fortunes", parts, found)]
     entries = (entry for path in files for entry in _fortune_entries(path))
     fitting = (entry for entry in entries if MIN_CHARS <= len(entry) <= MAX_CHARS)
     return _sample(fitting, limit, seed, f"no fortunes of 30-300 characters in {folder}; use another text source")
+
+
+def fortune_parts(root: str | Path = FORTUNES_ROOT) -> list[str]:
+    """The names of the fortune files in `root`, the parts `fortune_sentences` can read."""
+    folder = Path(root)
+    return sorted(p.name for p in folder.glob("*") if p.is_file() and not p.suffix) if folder.is_dir() else []
+
+
+def _chosen_parts(source: str, parts: Sequence[str] | None, available: Sequence[str]) -> list[str]:
+    """`parts` checked against what `source` holds (all of it when None), in the source's order."""
+    if parts is None:
+        return list(available)
+    problem = parts_problem(source, parts, available)
+    if problem:
+        raise DataError(problem)
+    return [p for p in available if p in parts]
+
+
+def parts_problem(source: str, parts: Sequence[str], available: Sequence[str]) -> str | None:
+    """Why `parts` cannot be read from `source`, which holds `available`, in one line; None when they can."""
+    unknown = [p for p in parts if p not in available]
+    if not parts:
+        return f"the parts of {source} are an empty list: choose from {', '.join(available)}, or drop parts"
+    if not unknown:
+        return None
+    close = difflib.get_close_matches(unknown[0], available, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"{source} has no part {', '.join(map(repr, unknown))}{hint}: choose from {', '.join(available)}"
 
 
 def _fortune_entries(path: Path) -> list[str]:
@@ -263,6 +303,23 @@ def text_file_lines(paths: Iterable[str | Path], limit: int | None = None, seed:
     lines = (line.strip() for path in paths for line in _read_lines(path, strict=True))
     names = ", ".join(map(str, paths)) or "(no files given)"
     return _sample((line for line in lines if line), limit, seed, f"no text in {names}: give UTF-8 files with one text per line")
+
+
+def prose_sentences(pattern: str, limit: int | None = None, seed: int = 0) -> list[str]:
+    """Sentences of plain-text files matched by a glob: paragraphs are separated by blank lines and
+    their wrapped lines joined, so books, licences and manuals read as running prose."""
+    check_limit(limit)
+    paths = prose_paths(pattern)
+    if not paths:
+        raise DataError(f"no file matches {pattern}: give a path or glob of UTF-8 text files")
+    paragraphs = (p for path in paths for p in re.split(r"\n\s*\n", "\n".join(_read_lines(path))))
+    sentences = (s for paragraph in paragraphs for s in split_sentences(paragraph))
+    return _sample(filter(is_prose, sentences), limit, seed, f"no prose sentences in the files of {pattern}; use another text source")
+
+
+def prose_paths(pattern: str) -> list[Path]:
+    """The regular files a `prose:` glob names (a plain path names itself), sorted."""
+    return sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern)) if Path(p).is_file())
 
 
 def jsonl_texts(path: str | Path, field: str = "text", limit: int | None = None, seed: int = 0) -> list[str]:
@@ -331,19 +388,51 @@ TEXT_SOURCES: dict[str, Callable[..., list[str]]] = {
     "fortunes": fortune_sentences,
     "bible": bible_sentences,
 }
+# Sources made of named parts (genres, parts of speech), with what each holds on this machine.
+SOURCE_PARTS: dict[str, Callable[[], list[str]]] = {"wordnet": lambda: list(WORDNET_PARTS), "fortunes": fortune_parts}
 
 
-def load_texts(source: str, limit: int | None = None, seed: int = 0, **kwargs) -> list[str]:
+def load_texts(
+    source: str, limit: int | None = None, seed: int = 0, parts: Sequence[str] | None = None, match: str | None = None,
+    **kwargs,
+) -> list[str]:
     """Texts from a source string, so configs and the CLI can name any source in one field.
 
-    `kwargs` go to the chosen source: `root=` for wordnet/fortunes/bible, `field=` for jsonl and hf,
-    `split=` for hf.
+    `parts` keeps some named parts of a source made of them (`SOURCE_PARTS`); `match` keeps the texts
+    in which a regular expression is found, e.g. `\\d` for text dense with numbers, before `limit`
+    counts them. Other `kwargs` go to the chosen source: `root=` for wordnet/fortunes/bible,
+    `field=` for jsonl and hf, `split=` for hf.
     """
+    if parts is not None:
+        if source not in SOURCE_PARTS:
+            raise DataError(f"text source '{source}' has no parts: parts apply to {', '.join(SOURCE_PARTS)}")
+        kwargs["parts"] = parts
+    if match is None:
+        return _load_source(source, limit, seed, kwargs)
+    check_limit(limit)
+    pattern = compile_match(match)
+    kept = [t for t in _load_source(source, None, seed, kwargs) if pattern.search(t)]
+    if not kept:
+        raise DataError(f"no text of {source} matches {match!r}: loosen the pattern or choose another source")
+    return kept[:limit]
+
+
+def compile_match(match: str) -> re.Pattern[str]:
+    """A `match` pattern compiled, or the one-line reason it is not a regular expression."""
+    try:
+        return re.compile(match)
+    except re.error as exc:
+        raise DataError(f"match {match!r} is not a regular expression ({exc}); fix the pattern") from None
+
+
+def _load_source(source: str, limit: int | None, seed: int, kwargs: dict) -> list[str]:
     if source in TEXT_SOURCES:
         return TEXT_SOURCES[source](limit=limit, seed=seed, **kwargs)
     kind, sep, target = source.partition(":")
     if sep and target and kind == "file":
         return text_file_lines([target], limit=limit, seed=seed, **kwargs)
+    if sep and target and kind == "prose":
+        return prose_sentences(target, limit=limit, seed=seed, **kwargs)
     if sep and target and kind == "jsonl":
         return jsonl_texts(target, limit=limit, seed=seed, **kwargs)
     if sep and target and kind == "hf":

@@ -35,18 +35,26 @@ def outputs(task: Task, model: nn.Module, batches: list[Batch], name: str = "the
 
 def evaluate(
     teacher: nn.Module, models: dict[str, nn.Module], task: Task, batches: list[Batch], timed: dict[int, Batch],
-    latency_repeats: int | None, site_error_batches: int,
+    latency_repeats: int | None, site_error_batches: int, sources: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
     """Metrics of every model in `models` (e.g. distilled student, undistilled baseline) against the teacher.
 
     `timed` maps batch sizes to the batches whose CPU latency is measured (median of `latency_repeats`).
+    `sources` maps held-out source names to the indices of their batches; with more than one, fidelity
+    is also given per source, since a student can keep one unseen genre far better than another.
     """
     teacher_out = outputs(task, teacher, batches, "teacher")
+    model_out = {k: outputs(task, m, batches, k) for k, m in models.items()}
     result: dict[str, Any] = {
         "params": {"teacher": count_parameters(teacher), **{k: count_parameters(m) for k, m in models.items()}},
         "mixer_params": {k: mixer_parameters(m) for k, m in models.items()},
-        "fidelity": {k: task.compare(teacher_out, outputs(task, m, batches, k), batches) for k, m in models.items()},
+        "fidelity": {k: task.compare(teacher_out, out, batches) for k, out in model_out.items()},
     }
+    if sources is not None and len(sources) > 1:
+        result["fidelity_by_source"] = {
+            name: {k: task.compare(*_picked(indices, teacher_out, out, batches)) for k, out in model_out.items()}
+            for name, indices in sources.items()
+        }
     footprints = {k: task.cache_footprint(m, batches[0]) for k, m in {"teacher": teacher, **models}.items()}
     if footprints["teacher"] is not None:
         result["cache_bytes"] = footprints
@@ -63,3 +71,7 @@ def evaluate(
             for size, batch in timed.items()
         }
     return result
+
+
+def _picked(indices: list[int], *lists: list) -> tuple[list, ...]:
+    return tuple([items[i] for i in indices] for items in lists)

@@ -46,6 +46,19 @@ def write_report(layout: RunLayout, recipe: Recipe, task: Task, state: dict, met
     return report
 
 
+def _by_source(report: dict[str, Any], models: list[str]) -> list[str]:
+    """Fidelity on each held-out source apart, where there are several (genres a student keeps unequally)."""
+    by_source = report.get("fidelity_by_source")
+    if not by_source:
+        return []
+    rows = [
+        [source, metric, *(figures[m][metric] for m in models)]
+        for source, figures in by_source.items()
+        for metric in figures[models[0]]
+    ]
+    return ["## Fidelity by held-out source", _table(["source", "metric", *models], rows)]
+
+
 def _cache(report: dict[str, Any]) -> list[str]:
     """What incremental decoding keeps per model after reading the first held-out batch."""
     held = report.get("cache_bytes")
@@ -158,6 +171,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         "the baseline skips distillation.",
         "## Fidelity to the teacher (held-out data)",
         _table(["metric", *models], [[n, *(fidelity[m][n] for m in models)] for n in names]),
+        *_by_source(report, models),
         *_sparse_teacher(report),
         *_ecosystem(report),
         "## Per-site fidelity on the teacher's own inputs",

@@ -36,7 +36,7 @@ def _missing_data(section: str, sources: list[DataSource]) -> list[str]:
         if isinstance(source, ImageFolderData) and not source.root.is_dir():
             problems.append(f"{where}.root {source.root} does not exist (point it at an ImageNet-style class-folder copy)")
         if isinstance(source, TextData):
-            problems += _missing_text(where, source.source)
+            problems += _missing_text(where, source)
         if isinstance(source, IdxData) and not source.folder.is_dir():
             problems.append(
                 f"{where}.folder {source.folder} does not exist (apt-get install dataset-fashion-mnist, or point it at the IDX files)"
@@ -44,16 +44,26 @@ def _missing_data(section: str, sources: list[DataSource]) -> list[str]:
     return problems
 
 
-def _missing_text(where: str, source: str) -> list[str]:
-    """A text source that names a file that is not there, or no source form at all."""
-    from replacer.data.text import SOURCE_FORMS, TEXT_SOURCES
+def _missing_text(where: str, source: TextData) -> list[str]:
+    """A text source that names a file or a part that is not there, or no source form at all."""
+    from replacer.data.text import SOURCE_FORMS, SOURCE_PARTS, TEXT_SOURCES, parts_problem, prose_paths
 
-    kind, sep, target = source.partition(":")
-    if source in TEXT_SOURCES or (sep and target and kind == "hf"):
+    name = source.source
+    kind, sep, target = name.partition(":")
+    if source.parts is not None:
+        if name not in SOURCE_PARTS:
+            return [f"{where}.parts: text source '{name}' has no parts (parts apply to {', '.join(SOURCE_PARTS)}); remove parts"]
+        available = SOURCE_PARTS[name]()
+        problem = parts_problem(name, source.parts, available) if available else None  # else the loader says what to install
+        if problem:
+            return [f"{where}.parts: {problem}"]
+    if name in TEXT_SOURCES or (sep and target and kind == "hf"):
         return []
+    if sep and target and kind == "prose":
+        return [] if prose_paths(target) else [f"{where}.source {name}: no file matches {target}"]
     if sep and target and kind in ("file", "jsonl"):
-        return [] if Path(target).is_file() else [f"{where}.source {source}: {target} does not exist"]
-    return [f"{where}.source: unknown text source '{source}': give one of {SOURCE_FORMS}"]
+        return [] if Path(target).is_file() else [f"{where}.source {name}: {target} does not exist"]
+    return [f"{where}.source: unknown text source '{name}': give one of {SOURCE_FORMS}"]
 
 
 def load_teacher(spec: ModelSpec) -> nn.Module:
@@ -199,29 +209,40 @@ def is_text(recipe: Recipe) -> bool:
     return kinds == {True}
 
 
-def _text_options(source: TextData) -> dict[str, str]:
-    """The per-source fields that apply: jsonl reads a field, hf a field of a split."""
+def _text_options(source: TextData) -> dict[str, Any]:
+    """The per-source fields that apply: parts and match to any, a field to jsonl, a field of a split to hf."""
     kind = source.source.partition(":")[0]
-    return {"jsonl": {"field": source.field}, "hf": {"field": source.field, "split": source.split}}.get(kind, {})
+    options: dict[str, Any] = {"parts": source.parts, "match": source.match}
+    return options | {"jsonl": {"field": source.field}, "hf": {"field": source.field, "split": source.split}}.get(kind, {})
+
+
+def load_source(source: DataSource, seed: int) -> Sequence[Any]:
+    """One source's examples: a list of texts or an image dataset."""
+    if isinstance(source, TextData):
+        from replacer.data.text import load_texts
+
+        return load_texts(source.source, limit=source.limit, seed=seed, **_text_options(source))
+    from replacer.data.images import IdxImageDataset, ImageFolderDataset, digits_dataset
+
+    if isinstance(source, ImageFolderData):
+        return ImageFolderDataset(source.root, image_size=source.image_size, limit=source.limit)
+    if isinstance(source, IdxData):
+        return IdxImageDataset(source.folder, split=source.split, limit=source.limit)
+    return digits_dataset(source.split, seed=seed)
+
+
+def load_example_parts(sources: list[DataSource], seed: int) -> dict[str, Sequence[Any]]:
+    """Each source's examples under its name, in the section's order (the report's per-source figures)."""
+    return {source.name: load_source(source, seed) for source in sources}
+
+
+def concatenated(parts: Sequence[Sequence[Any]]) -> Sequence[Any]:
+    """The examples of several sources as one: a list of texts, or one image dataset."""
+    if all(isinstance(p, list) for p in parts):
+        return [example for part in parts for example in part]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 def load_examples(sources: list[DataSource], seed: int) -> Sequence[Any]:
     """Texts (a list of strings) or an image dataset, from every source of one section."""
-    if all(isinstance(s, TextData) for s in sources):
-        from replacer.data.text import load_texts
-
-        texts: list[str] = []
-        for s in sources:
-            texts += load_texts(s.source, limit=s.limit, seed=seed, **_text_options(s))
-        return texts
-    from replacer.data.images import IdxImageDataset, ImageFolderDataset, digits_dataset
-
-    parts = []
-    for s in sources:
-        if isinstance(s, ImageFolderData):
-            parts.append(ImageFolderDataset(s.root, image_size=s.image_size, limit=s.limit))
-        elif isinstance(s, IdxData):
-            parts.append(IdxImageDataset(s.folder, split=s.split, limit=s.limit))
-        elif isinstance(s, DigitsData):
-            parts.append(digits_dataset(s.split, seed=seed))
-    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    return concatenated([load_source(s, seed) for s in sources])

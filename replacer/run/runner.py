@@ -26,7 +26,7 @@ from replacer.train.batches import BatchPlan
 from replacer.run.components import check_components
 from replacer.train.distributed import SINGLE, World
 from replacer.graph.scan import scan
-from replacer.run.inputs import is_text, load_examples, load_tokenizer, max_text_length, preflight
+from replacer.run.inputs import is_text, load_example_parts, load_examples, load_tokenizer, max_text_length, preflight
 from replacer.progress import for_console
 from replacer.recipe import Recipe
 from replacer.report.markdown import write_report
@@ -87,7 +87,7 @@ def run_stages(
     """Every stage in order over one context; the timing and the bookkeeping are done here, once."""
     progress = for_console(console)
     with progress, contextlib.ExitStack() as stack:
-        ctx = RunContext(recipe, run, task, plan, load_examples(recipe.data.eval, recipe.seed + 1), progress, world, stack, teacher)
+        ctx = RunContext(recipe, run, task, plan, load_example_parts(recipe.data.eval, recipe.seed + 1), progress, world, stack, teacher)
         for stage in STAGES:
             if not stage.wanted(ctx):
                 continue

@@ -34,7 +34,7 @@ from replacer.metrics.timing import median_latency_ms
 from replacer.exporting import export_formats, export_into
 from replacer.files import write_text_atomically
 from replacer.graph.scan import scan
-from replacer.run.inputs import export_context
+from replacer.run.inputs import concatenated, export_context
 from replacer.plugins import get_registry
 from replacer.progress import Progress
 from replacer.pruning.latency import Measure
@@ -60,7 +60,8 @@ class RunContext:
     run: RunDir
     task: Task
     plan: BatchPlan
-    held_out: Sequence[Any]
+    held_out_parts: dict[str, Sequence[Any]]
+    """The held-out examples by source name, in the recipe's order."""
     progress: Progress
     world: World
     stack: contextlib.ExitStack
@@ -85,6 +86,11 @@ class RunContext:
     @property
     def foundation(self) -> nn.Module:
         return self.base if self.base is not None else self.teacher
+
+    @functools.cached_property
+    def held_out(self) -> Sequence[Any]:
+        """Every held-out example, the sources one after another."""
+        return concatenated(list(self.held_out_parts.values()))
 
     @functools.cached_property
     def selection(self) -> Selection:
@@ -266,8 +272,7 @@ class EvaluateStage(Stage):
 
     def run(self, ctx: RunContext) -> dict[str, Any]:
         recipe, task, layout = ctx.recipe, ctx.task, ctx.layout
-        eval_plan = BatchPlan(ctx.held_out, recipe.data.batch_size, task.collate, shuffle=False, lengths=example_lengths(ctx.held_out))
-        batches = [eval_plan.batch(k) for k in range(len(eval_plan))]
+        batches, sources = held_out_batches(ctx)
         student = ctx.trained_student()
         models = {"distilled": student}
         if recipe.prune.enabled:
@@ -280,6 +285,7 @@ class EvaluateStage(Stage):
             metrics = evaluate(
                 ctx.reference, models, task, batches, timed_batches(ctx),
                 recipe.evaluate.latency_repeats if recipe.evaluate.latency else None, recipe.evaluate.site_error_batches,
+                sources,
             )
             advance()
         if recipe.evaluate.ecosystem:
@@ -314,6 +320,17 @@ class ExportStage(Stage):
 STAGES: tuple[Stage, ...] = (
     TeacherStage(), AnalyzeStage(), SparsifyStage(), StudentStep(), DistillStage(), TuneStage(), PruneStage(), EvaluateStage(), ExportStage(),
 )
+
+
+def held_out_batches(ctx: RunContext) -> tuple[list[Batch], dict[str, list[int]]]:
+    """The held-out batches, each source batched on its own, with the indices of each source's batches."""
+    batches: list[Batch] = []
+    sources: dict[str, list[int]] = {}
+    for name, examples in ctx.held_out_parts.items():
+        plan = BatchPlan(examples, ctx.recipe.data.batch_size, ctx.task.collate, shuffle=False, lengths=example_lengths(examples))
+        sources[name] = list(range(len(batches), len(batches) + len(plan)))
+        batches += [plan.batch(k) for k in range(len(plan))]
+    return batches, sources
 
 
 def ecosystem_evaluations(models: dict[str, nn.Module], examples: Sequence[Any], context: ModelContext) -> dict[str, dict]:
