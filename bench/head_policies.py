@@ -38,7 +38,7 @@ def main() -> None:
             "analyze.enabled=true",
         ])
         report = run_recipe(recipe, console=console)
-        fidelity = report["fidelity"]["distilled"]
+        fidelity = report["fidelity"]["student"]
         stats = report["teacher_attention"]
         heads = report["replaced_heads"]
         recency = [stats[site]["heads"]["recency"][h] for site, hs in heads.items() for h in hs]
@@ -47,8 +47,8 @@ def main() -> None:
             policy, f"{sum(recency) / len(recency):.3f}",
             f"{fidelity['student_perplexity']:.2f} ({fidelity['teacher_perplexity']:.2f})",
             f"{fidelity['kl_to_teacher']:.4f}", f"{fidelity['next_token_agreement']:.2f}",
-            f"{cache['distilled']['kv'] / 2**20:.2f} ({cache['distilled']['kv'] / cache['teacher']['kv']:.2f})",
-            f"{cache['distilled']['mixer_state'] / 2**20:.3f}",
+            f"{cache['student']['kv'] / 2**20:.2f} ({cache['student']['kv'] / cache['teacher']['kv']:.2f})",
+            f"{cache['student']['mixer_state'] / 2**20:.3f}",
         )
     console.print(table)
 

@@ -40,7 +40,7 @@ def main() -> None:
             f"run_dir=runs/layer_policy/{name}", "analyze.enabled=true",
         ])
         report = run_recipe(recipe, console=console)
-        fidelity = report["fidelity"]["distilled"]
+        fidelity = report["fidelity"]["student"]
         stats = report["teacher_attention"]
         replaced = report["replaced_sites"]
         entropy = sum(stats[s]["mean"]["entropy"] for s in replaced) / len(replaced)

@@ -2,7 +2,8 @@
 
 Validated by pydantic with unknown keys rejected; errors become one line with the field path and a
 hint. `--set a.b=value` overrides are applied to the raw YAML before validation, so they are
-validated exactly like the file.
+validated exactly like the file. Each top-level section is a `*Section` model (`DistillSection` is
+`distill:`); the `*Spec` classes elsewhere are what plugins register (`MixerSpec`, `AnalyzerSpec`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class ModelSpec(Strict):
+class ModelSection(Strict):
     source: str = Field(description="timm name, HF model dir, hf:ID, minilm, smollm2 or module:callable")
     pretrained: bool = Field(True, description="load pretrained weights (from the hub or the offline package)")
     checkpoint: Path | None = Field(None, description="local weights file (.safetensors, .pth, .bin) to load instead")
@@ -116,7 +117,7 @@ class DigitsData(Strict):
 DataSource = Annotated[Union[TextData, ImageFolderData, IdxData, DigitsData], Field(discriminator="kind")]
 
 
-class DataSpec(Strict):
+class DataSection(Strict):
     train: list[DataSource] = Field(min_length=1, description="concatenated: each source's share is its example count")
     eval: list[DataSource] = Field(
         min_length=1, description="held out, ideally genres unlike train's; with several, the report gives each its own figures"
@@ -124,7 +125,7 @@ class DataSpec(Strict):
     batch_size: PositiveInt = Field(32, description="examples per batch in every stage")
 
     @model_validator(mode="after")
-    def _eval_names_differ(self) -> DataSpec:
+    def _eval_names_differ(self) -> DataSection:
         names = [source.name for source in self.eval]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
@@ -132,7 +133,7 @@ class DataSpec(Strict):
         return self
 
 
-class TeacherSpec(Strict):
+class TeacherSection(Strict):
     train: bool = Field(
         False, description="train the teacher from scratch on data.train first (where no pretrained weights exist)"
     )
@@ -189,7 +190,7 @@ class SitePolicy(Strict):
         return self
 
 
-class AnalyzeSpec(Strict):
+class AnalyzeSection(Strict):
     enabled: bool = Field(
         False, description="analyse the teacher's attention before distilling (always on for sparsest / densest site policies)"
     )
@@ -200,7 +201,7 @@ class AnalyzeSpec(Strict):
     )
 
 
-class SparsifySpec(Strict):
+class SparsifySection(Strict):
     enabled: bool = Field(
         False, description="make the teacher's attention sparse before distilling (Sparsity to Simplicity)"
     )
@@ -210,7 +211,7 @@ class SparsifySpec(Strict):
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
 
 
-class DistillSpec(Strict):
+class DistillSection(Strict):
     enabled: bool = Field(True, description="run the stage (false: mixers keep their initialisation)")
     steps: int = Field(500, ge=0, description="optimizer steps per site")
     lr: float = Field(3e-3, gt=0, le=1, description="AdamW peak learning rate (warm-up, then cosine decay)")
@@ -224,13 +225,13 @@ class DistillSpec(Strict):
     checkpoint_every: PositiveInt = Field(100, description="steps between resumable checkpoints")
 
     @model_validator(mode="after")
-    def _workers_read_from_disk(self) -> "DistillSpec":
+    def _workers_read_from_disk(self) -> "DistillSection":
         if self.workers > 1 and self.cache != "disk":
             raise ValueError("workers > 1 read pairs from a disk cache: set distill.cache to disk")
         return self
 
 
-class LoraSpec(Strict):
+class LoraSection(Strict):
     rank: PositiveInt = Field(8, description="rank of each low-rank adapter")
     alpha: float = Field(16.0, gt=0, description="adapter scale numerator: updates are scaled by alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
@@ -240,7 +241,7 @@ class LoraSpec(Strict):
     )
 
 
-class TuneSpec(Strict):
+class TuneSection(Strict):
     enabled: bool = Field(True, description="run the stage")
     steps: int = Field(200, ge=0, description="optimizer steps")
     lr: float = Field(1e-3, gt=0, le=1, description="learning rate of the mixers")
@@ -251,7 +252,7 @@ class TuneSpec(Strict):
         "mixers", description="mixers, all, lora (the mixers plus low-rank adapters on the kept linear layers, merged "
         "into them before the student is saved), or glob patterns over parameter names",
     )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="the adapters of train: lora")
+    lora: LoraSection = Field(default_factory=LoraSection, description="the adapters of train: lora")
     kd_weight: float = Field(
         1.0, ge=0, description="weight of distillation from the teacher (logit KL, or embedding / hidden-state loss)"
     )
@@ -260,7 +261,7 @@ class TuneSpec(Strict):
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
 
 
-class PruneSpec(Strict):
+class PruneSection(Strict):
     enabled: bool = Field(False, description="run the stage: a family of smaller students, one per budget")
     budgets: list[Annotated[float, Field(gt=0, lt=1)]] = Field(
         [0.75, 0.5], min_length=1,
@@ -296,8 +297,8 @@ class PruneSpec(Strict):
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
 
 
-class EvalSpec(Strict):
-    baseline: bool = Field(True, description="also evaluate the same mixers without distillation")
+class EvaluateSection(Strict):
+    baseline: bool = Field(True, description="also evaluate the same mixers untrained (`untrained` in the report)")
     latency: bool = Field(True, description="time teacher and students on the CPU")
     latency_batch_sizes: list[PositiveInt] = Field([1], min_length=1, description="batch sizes timed on the CPU")
     latency_repeats: PositiveInt = Field(
@@ -311,7 +312,7 @@ class EvalSpec(Strict):
     )
 
 
-class ExportSpec(Strict):
+class ExportSection(Strict):
     enabled: bool = Field(True, description="write the final model into the run directory")
     formats: list[str] | None = Field(
         None, min_length=1,
@@ -325,20 +326,20 @@ class Recipe(Strict):
     name: str = Field(description="names the run directory and the report")
     seed: int = Field(0, description="seeds mixer initialisation and data order")
     run_dir: Path | None = Field(None, description="default: runs/<name>")
-    model: ModelSpec = Field(description="the teacher")
-    data: DataSpec = Field(description="training and held-out evaluation data")
-    teacher: TeacherSpec = Field(default_factory=TeacherSpec, description="train the teacher first (offline vision)")
+    model: ModelSection = Field(description="the teacher")
+    data: DataSection = Field(description="training and held-out evaluation data")
+    teacher: TeacherSection = Field(default_factory=TeacherSection, description="train the teacher first (offline vision)")
     sites: Literal["all"] | list[int | str] | SitePolicy = Field(
         "all", description="all; layer indices / names / globs; or a policy: {policy: sparsest, layers: 3}"
     )
-    analyze: AnalyzeSpec = Field(default_factory=AnalyzeSpec, description="attention analysis of the teacher")
-    sparsify: SparsifySpec = Field(default_factory=SparsifySpec, description="teacher sparsification before distillation")
+    analyze: AnalyzeSection = Field(default_factory=AnalyzeSection, description="attention analysis of the teacher")
+    sparsify: SparsifySection = Field(default_factory=SparsifySection, description="teacher sparsification before distillation")
     mixer: MixerChoice = Field(default_factory=MixerChoice, description="the mixer plugin and its options")
-    distill: DistillSpec = Field(default_factory=DistillSpec, description="block-wise distillation")
-    tune: TuneSpec = Field(default_factory=TuneSpec, description="end-to-end tuning")
-    prune: PruneSpec = Field(default_factory=PruneSpec, description="global structural pruning to several budgets")
-    evaluate: EvalSpec = Field(default_factory=EvalSpec, description="held-out evaluation")
-    export: ExportSpec = Field(default_factory=ExportSpec, description="the final model as safetensors + manifest")
+    distill: DistillSection = Field(default_factory=DistillSection, description="block-wise distillation")
+    tune: TuneSection = Field(default_factory=TuneSection, description="end-to-end tuning")
+    prune: PruneSection = Field(default_factory=PruneSection, description="global structural pruning to several budgets")
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection, description="held-out evaluation")
+    export: ExportSection = Field(default_factory=ExportSection, description="the final model as safetensors + manifest")
 
     @field_validator("sites", mode="before")
     @classmethod

@@ -9,13 +9,16 @@ fidelity metrics.
 from __future__ import annotations
 
 import abc
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from replacer.errors import ReplacerError
+
+if TYPE_CHECKING:
+    from replacer.graph.scan import ScanResult
 
 Batch = dict[str, torch.Tensor]
 
@@ -212,22 +215,18 @@ def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature:
     return (t.exp() * (t - s)).sum(-1) * temperature**2
 
 
-def task_kind(kind: str, model: nn.Module, is_text: bool) -> str:
-    """The task a recipe asks for, or the one its model and data imply (`auto`): image data means
-    classification, text with a causal site a causal LM, other text embeddings."""
+def task_kind(kind: str, found: ScanResult, is_text: bool) -> str:
+    """The task a recipe asks for, or the one its model (as `found` by its scan) and data imply (`auto`):
+    image data means classification, text with a causal site a causal LM, other text embeddings."""
     if kind != "auto":
         return kind
     if not is_text:
         return "classification"
-    from replacer.graph.scan import scan
-
-    found = scan(model)
     return "causal-lm" if any(s.causal for s in (*found.sites, *found.replaced)) else "embedding"
 
 
-def resolve_task(kind: str, model: nn.Module, tokenizer: Any, is_text: bool, max_length: int) -> Task:
-    """The task a recipe asks for, or the one its model and data imply (`auto`)."""
-    kind = task_kind(kind, model, is_text)
+def resolve_task(kind: str, tokenizer: Any, is_text: bool, max_length: int) -> Task:
+    """The task of a kind `task_kind` chose, checked against the data it will see."""
     if kind == "classification":
         if is_text:
             raise ReplacerError("task 'classification' needs image data (image-folder, idx or digits)")

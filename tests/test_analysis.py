@@ -198,7 +198,7 @@ def _check_png(path, min_size=(300, 200)):
 def test_every_plot_writes_a_png(tmp_path, vision):
     teacher, student, task, batches = vision
     per_site = similarity.site_similarity(teacher, student, task, batches)
-    _check_png(figures.plot_layer_similarity({"distilled": [0.9, 0.8], "undistilled": per_site}, tmp_path / "layers.png"))
+    _check_png(figures.plot_layer_similarity({"student": [0.9, 0.8], "untrained": per_site}, tmp_path / "layers.png"))
     t, s = similarity.token_similarity(teacher, student, task, batches[0], "blocks.1.attn")
     _check_png(figures.plot_token_similarity([(t, s, "image 0"), (t.numpy(), s.numpy(), "again")], tmp_path / "tokens.png"))
     points = [{"label": "teacher", "params": 5.5e6, "value": 72.2}, {"label": "lstm", "params": 4.9e6, "value": 70.1}]

@@ -98,8 +98,8 @@ def test_ddp_tuning_matches_a_single_process(runs):
         assert any(not torch.equal(tuned[1][k], distilled[k]) for k in keys), site
     for k in (k for k in distilled if ".mixer." in k):
         torch.testing.assert_close(tuned[2][k], tuned[1][k], atol=1e-5, rtol=1e-4)
-    one = json.loads((runs[1] / "report.json").read_text())["fidelity"]["distilled"]
-    two = json.loads((runs[2] / "report.json").read_text())["fidelity"]["distilled"]
+    one = json.loads((runs[1] / "report.json").read_text())["fidelity"]["student"]
+    two = json.loads((runs[2] / "report.json").read_text())["fidelity"]["student"]
     assert two["agreement_with_teacher"] == one["agreement_with_teacher"]
 
 

@@ -65,7 +65,7 @@ def test_a_run_writes_both_formats_by_default_and_replacer_export_writes_one(tmp
     assert st.max_seq_length == 16  # what the run trained on, where the teacher folder does not say
     torch.testing.assert_close(embeddings, _reference(run / "model", max_length=16), atol=1e-6, rtol=1e-5)
     report = json.loads((run / "report.json").read_text())
-    assert set(report["ecosystem"]["sentence-transformers"]) == {"teacher", "distilled", "undistilled"}
+    assert set(report["ecosystem"]["sentence-transformers"]) == {"teacher", "student", "untrained"}
     assert "## sentence-transformers evaluation (held-out data)" in (run / "report.md").read_text()
     state = json.loads((run / "state.json").read_text())
     assert state["stages"]["export"]["formats"] == {"replacer": "model", "sentence-transformers": "sentence-transformers"}

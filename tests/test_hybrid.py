@@ -146,8 +146,8 @@ evaluate: {latency_repeats: 1}
     report = run_recipe(load_recipe(path))
     assert report["stages"]["tune"]["final_loss"] > 0
     held = report["cache_bytes"]
-    assert held["distilled"]["mixer_state"] > 0 and held["teacher"]["mixer_state"] == 0
-    assert held["distilled"]["kv"] <= held["teacher"]["kv"]  # kv heads whose query heads all left are gone
+    assert held["student"]["mixer_state"] > 0 and held["teacher"]["mixer_state"] == 0
+    assert held["student"]["kv"] <= held["teacher"]["kv"]  # kv heads whose query heads all left are gone
     assert "## Decoding cache" in (tmp_path / "run" / "report.md").read_text()
     from conftest import tiny_text_llama
 

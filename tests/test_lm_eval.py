@@ -50,7 +50,7 @@ def test_lm_eval_scores_teacher_and_student_on_the_held_out_text_into_the_report
     result = runner.invoke(app, ["evaluate", str(run), "--lm-eval", "replacer_heldout", "--limit", "4"])
     assert result.exit_code == 0, result.output
     figures = json.loads((run / "report.json").read_text())["ecosystem"]["lm-eval"]
-    assert set(figures) == {"teacher", "distilled"}
+    assert set(figures) == {"teacher", "student"}
     texts = [line for line in (tmp_path / "t.txt").read_text().splitlines()]
     from replacer.run.inputs import load_examples
     from replacer.recipe import load_recipe
@@ -60,7 +60,7 @@ def test_lm_eval_scores_teacher_and_student_on_the_held_out_text_into_the_report
     assert set(held_out) <= set(texts)
     teacher = tiny_text_llama().eval()
     student = replacer.load(run / "model", base=teacher)
-    for name, model in (("teacher", teacher), ("distilled", student)):
+    for name, model in (("teacher", teacher), ("student", student)):
         assert figures[name]["replacer_heldout/byte_perplexity"] == pytest.approx(_byte_perplexity(model, held_out), rel=1e-4)
         assert math.log2(figures[name]["replacer_heldout/byte_perplexity"]) == pytest.approx(figures[name]["replacer_heldout/bits_per_byte"], rel=1e-4)
     assert "## lm-eval evaluation (held-out data)" in (run / "report.md").read_text()

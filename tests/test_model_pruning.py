@@ -190,7 +190,7 @@ def test_a_recipe_prunes_the_whole_model_and_reports_the_family(tmp_path):
                                 "evaluate.baseline=false"])
     report = run_recipe(recipe)
     params = report["params"]
-    assert 0.989 * params["distilled"] < params["pruned-99"] <= 0.99 * params["distilled"]
+    assert 0.989 * params["student"] < params["pruned-99"] <= 0.99 * params["student"]
     budget = report["stages"]["prune"]["budgets"]["pruned-99"]
     assert budget["scope"] == "model" and budget["removed_by_kind"]["feed-forward"] > 0
     text = (tmp_path / "run" / "report.md").read_text()

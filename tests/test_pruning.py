@@ -166,9 +166,9 @@ def test_a_recipe_prunes_to_every_budget_and_reports_them(tmp_path):
     report = run_recipe(recipe)
     assert list(report["stages"]) == ["distill", "tune", "prune", "evaluate", "export"]
     mixers = report["mixer_params"]
-    assert mixers["pruned-80"] <= 0.8 * mixers["distilled"] and mixers["pruned-50"] <= 0.5 * mixers["distilled"]
-    assert mixers["pruned-50"] > 0.4 * mixers["distilled"]  # budgets are met closely, not overshot
-    assert report["params"]["pruned-50"] < report["params"]["pruned-80"] < report["params"]["distilled"]
+    assert mixers["pruned-80"] <= 0.8 * mixers["student"] and mixers["pruned-50"] <= 0.5 * mixers["student"]
+    assert mixers["pruned-50"] > 0.4 * mixers["student"]  # budgets are met closely, not overshot
+    assert report["params"]["pruned-50"] < report["params"]["pruned-80"] < report["params"]["student"]
     run = tmp_path / "run"
     assert (run / "figures" / "pruning_budgets.png").read_bytes()[:4] == b"\x89PNG"
     text = (run / "report.md").read_text()
@@ -180,7 +180,7 @@ def test_a_recipe_prunes_to_every_budget_and_reports_them(tmp_path):
     again = load_recipe(path, ["prune.enabled=true", "prune.budgets=[0.6]", "prune.recovery_steps=0"])
     report = run_recipe(again)
     assert report["stages"]["distill"] == json.loads((run / "state.json").read_text())["stages"]["distill"]
-    assert set(report["mixer_params"]) == {"distilled", "pruned-60", "undistilled"}
+    assert set(report["mixer_params"]) == {"student", "pruned-60", "untrained"}
     assert not (run / "students" / "pruned-50").exists()
 
 
@@ -199,7 +199,7 @@ def test_the_hoyer_importance_trains_with_the_penalty_before_cutting(tmp_path):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if r.get("stage") == "hoyer"] == [1, 2, 3, 4]
     assert (run / "students" / "hoyer" / "manifest.json").is_file()
-    assert report["mixer_params"]["pruned-70"] <= 0.7 * report["mixer_params"]["distilled"]
+    assert report["mixer_params"]["pruned-70"] <= 0.7 * report["mixer_params"]["student"]
 
 
 @pytest.mark.parametrize("plugin", ["lstm", "ssm"])
@@ -242,7 +242,7 @@ def test_an_interrupted_prune_stage_resumes_from_its_finished_budgets(tmp_path):
     assert sum(1 for r in rows if r.get("stage") == "pruned-80" and "loss" in r) == 2  # not redone
     assert sum(1 for r in rows if r.get("stage") == "hoyer" and "loss" in r) == 2  # not redone
     assert again["mixer_params"]["pruned-80"] == first["mixer_params"]["pruned-80"]
-    assert again["mixer_params"]["pruned-50"] <= 0.5 * again["mixer_params"]["distilled"]
+    assert again["mixer_params"]["pruned-50"] <= 0.5 * again["mixer_params"]["student"]
 
 
 def params_clock(overhead_ms: float):
@@ -293,11 +293,11 @@ def test_a_recipe_prunes_to_latency_budgets_and_reports_the_timings(tmp_path, mo
     report = run_module.run_recipe(recipe)
     budgets = report["stages"]["prune"]["budgets"]
     tuned_ms = budgets["pruned-90"]["tuned_ms"]
-    assert tuned_ms == pytest.approx(0.5 + report["mixer_params"]["distilled"] * 1e-4)
+    assert tuned_ms == pytest.approx(0.5 + report["mixer_params"]["student"] * 1e-4)
     for name, fraction in (("pruned-90", 0.9), ("pruned-70", 0.7)):
         assert budgets[name]["target_ms"] == pytest.approx(fraction * tuned_ms)
         assert 0.5 + report["mixer_params"][name] * 1e-4 <= budgets[name]["target_ms"] + 1e-9
-    assert report["mixer_params"]["pruned-70"] < report["mixer_params"]["pruned-90"] < report["mixer_params"]["distilled"]
+    assert report["mixer_params"]["pruned-70"] < report["mixer_params"]["pruned-90"] < report["mixer_params"]["student"]
     text = (tmp_path / "run" / "report.md").read_text()
     assert "fraction of the tuned student's CPU latency" in text and "pruning: target ms" in text
 

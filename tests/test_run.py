@@ -35,14 +35,14 @@ def test_tiny_run_produces_every_output(tmp_path):
     sites = report["site_similarity"]
     assert len(sites) == 2
     for site in sites.values():  # distillation must beat the same mixers untrained
-        assert site["distilled"]["relative_error"] < site["undistilled"]["relative_error"]
-        assert site["distilled"]["cka"] > site["undistilled"]["cka"]
+        assert site["student"]["relative_error"] < site["untrained"]["relative_error"]
+        assert site["student"]["cka"] > site["untrained"]["cka"]
     assert {len(v) for v in report["layer_cka"].values()} == {2}
     for figure in ("loss_curves", "site_similarity", "layer_cka", "token_similarity", "quality_vs_params"):
         assert (run / "figures" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"(figures/{figure}.png)" in (run / "report.md").read_text()
     fid = report["fidelity"]
-    assert fid["distilled"]["embedding_cosine_mean"] > fid["undistilled"]["embedding_cosine_mean"]
+    assert fid["student"]["embedding_cosine_mean"] > fid["untrained"]["embedding_cosine_mean"]
     assert report["latency_ms"]["1"]["teacher"] > 0
     assert "| embedding_cosine_mean |" in (run / "report.md").read_text()
 
@@ -151,7 +151,7 @@ def test_deit_recipe_runs_on_a_local_checkpoint_and_image_folder(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["task"] == "classification"
-    assert set(report["fidelity"]["distilled"]) >= {"teacher_top1", "student_top1", "agreement_with_teacher"}
+    assert set(report["fidelity"]["student"]) >= {"teacher_top1", "student_top1", "agreement_with_teacher"}
     assert set(report["site_similarity"]) == {"blocks.0.attn", "blocks.11.attn"}
 
 
@@ -162,7 +162,7 @@ def test_sites_train_on_worker_processes_from_a_disk_cache(tmp_path):
     cache = tmp_path / "run" / "distill" / "cache"
     assert (cache / "complete").is_file() and len(list((cache / "encoder.layer.1.attention.self").glob("*.safetensors"))) == 8
     for site in report["site_similarity"].values():
-        assert site["distilled"]["relative_error"] < site["undistilled"]["relative_error"]
+        assert site["student"]["relative_error"] < site["untrained"]["relative_error"]
 
 
 def test_workers_need_the_disk_cache(tmp_path):
@@ -187,14 +187,14 @@ def test_fashion_recipe_trains_a_teacher_then_converts_it(tmp_path):
     assert set(report["stages"]) == {"teacher", "distill", "tune", "evaluate", "export"}
     assert report["stages"]["teacher"]["trained_now"] is True
     fidelity = report["fidelity"]
-    assert fidelity["distilled"]["teacher_top1"] > 18  # 30 steps already beat chance (10%) clearly
-    assert {"student_top1", "agreement_with_teacher"} <= set(fidelity["distilled"])
+    assert fidelity["student"]["teacher_top1"] > 18  # 30 steps already beat chance (10%) clearly
+    assert {"student_top1", "agreement_with_teacher"} <= set(fidelity["student"])
     cached = list((tmp_path / ".teachers").glob("fashion_vit_lstm-*/model.safetensors"))
     assert len(cached) == 1
     # A changed student recipe in a new run dir reuses the cached teacher instead of retraining it.
     again = run_recipe(load_recipe(ROOT / "recipes" / "fashion_vit_lstm.yaml", [*tiny[1:], f"run_dir={tmp_path / 'run2'}", "tune.steps=2"]))
     assert again["stages"]["teacher"]["trained_now"] is False
-    assert again["fidelity"]["distilled"]["teacher_top1"] == fidelity["distilled"]["teacher_top1"]
+    assert again["fidelity"]["student"]["teacher_top1"] == fidelity["student"]["teacher_top1"]
     import replacer
 
     exported = replacer.load(tmp_path / "run" / "model")  # rebuilt from timm's definition with the recipe's kwargs

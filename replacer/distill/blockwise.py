@@ -23,7 +23,7 @@ from replacer.errors import DivergedError, ReplacerError
 from replacer.distill.capture import DiskStore, MemoryStore, capture_sites
 from replacer.distill.losses import site_loss
 from replacer.graph.adapter import ReplacedAttention, site_wrappers
-from replacer.recipe import DistillSpec
+from replacer.recipe import DistillSection
 from replacer.tasks import Task
 from replacer.train.loop import train_loop
 from replacer.train.distributed import SINGLE, World
@@ -40,7 +40,7 @@ Log = Callable[[dict], None]
 
 
 def capture(
-    teacher: nn.Module, task: Task, plan: BatchPlan, wrappers: dict[str, ReplacedAttention], spec: DistillSpec,
+    teacher: nn.Module, task: Task, plan: BatchPlan, wrappers: dict[str, ReplacedAttention], spec: DistillSection,
     cache_dir: Path, advance: Advance, marker: str = "complete",
 ) -> dict[str, Store]:
     """Run the teacher on calibration batches and keep each site's pairs (bounded in memory).
@@ -80,7 +80,7 @@ def capture(
 
 
 def train_site(
-    wrapper: ReplacedAttention, store: Store, spec: DistillSpec, seed: int, state_path: Path,
+    wrapper: ReplacedAttention, store: Store, spec: DistillSection, seed: int, state_path: Path,
     advance: Advance = lambda loss=None: None, log: Log = lambda _: None,
 ) -> float:
     """Train one site's mixer on its pairs; returns the mean loss of the last 10% of steps."""
@@ -125,7 +125,7 @@ def _load_finished(wrapper: ReplacedAttention, folder: Path) -> None:
     )
 
 
-def _train_in_worker(wrapper: ReplacedAttention, cache: Path, spec: DistillSpec, seed: int, folder: Path, threads: int) -> tuple[str, float]:
+def _train_in_worker(wrapper: ReplacedAttention, cache: Path, spec: DistillSection, seed: int, folder: Path, threads: int) -> tuple[str, float]:
     torch.set_num_threads(threads)
     state = folder / f"{wrapper.site.name}.partial"
     loss = train_site(wrapper, DiskStore(cache / wrapper.site.name), spec, seed, state)
@@ -134,7 +134,7 @@ def _train_in_worker(wrapper: ReplacedAttention, cache: Path, spec: DistillSpec,
 
 
 def distill_blockwise(
-    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSpec, folder: Path,
+    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSection, folder: Path,
     seed: int, progress: "Progress", log: Log, world: World = SINGLE,
 ) -> dict[str, float]:
     """Distill every replaced site of `student`; returns the final loss per site (NaN: finished earlier).
@@ -160,7 +160,7 @@ def distill_blockwise(
 
 
 def _train_sites(
-    todo: dict[str, ReplacedAttention], teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSpec,
+    todo: dict[str, ReplacedAttention], teacher: nn.Module, task: Task, plan: BatchPlan, spec: DistillSection,
     folder: Path, seed: int, progress: "Progress", log: Log, world: World,
 ) -> dict[str, float]:
     results: dict[str, float] = {}

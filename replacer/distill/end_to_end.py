@@ -16,7 +16,7 @@ from replacer.train.loop import train_loop
 from replacer.train.distributed import SINGLE, World
 from replacer.errors import ReplacerError
 from replacer.train.optimizers import adam
-from replacer.recipe import TuneSpec
+from replacer.recipe import TuneSection
 from replacer.tasks import Batch, Task
 from replacer.progress import Advance
 
@@ -36,7 +36,7 @@ def trainable_parameters(student: nn.Module, which: str | list[str]) -> dict[str
     return chosen
 
 
-def student_loss(student: nn.Module, teacher: nn.Module, task: Task, batch: Batch, spec: TuneSpec) -> torch.Tensor:
+def student_loss(student: nn.Module, teacher: nn.Module, task: Task, batch: Batch, spec: TuneSection) -> torch.Tensor:
     """Distillation from the teacher plus, where the batch has labels, the task loss, weighted by `spec`."""
     with torch.no_grad():
         target = task.run(teacher, batch)
@@ -48,7 +48,7 @@ def student_loss(student: nn.Module, teacher: nn.Module, task: Task, batch: Batc
 
 
 def tune_end_to_end(
-    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: TuneSpec, state_path: Path,
+    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, spec: TuneSection, state_path: Path,
     advance: Advance, log: Callable[[dict], None], world: World = SINGLE,
     penalty: Callable[[], torch.Tensor] | None = None, record: dict | None = None,
 ) -> float:

@@ -13,7 +13,7 @@ import fnmatch
 from torch import nn
 
 from replacer.errors import ReplacerError
-from replacer.recipe import LoraSpec
+from replacer.recipe import LoraSection
 
 ADAPTER = "replacer"
 """The PEFT adapter name; its parameters are named `...<layer>.lora_A.replacer.weight` and so on."""
@@ -34,7 +34,7 @@ def lora_targets(model: nn.Module, patterns: list[str] | None) -> list[str]:
     return chosen
 
 
-def add_lora(model: nn.Module, spec: LoraSpec) -> list[str]:
+def add_lora(model: nn.Module, spec: LoraSection) -> list[str]:
     """Put adapters on the chosen layers of `model` in place; returns their names. The adapters start as a
     zero update (PEFT's B = 0), so the student is unchanged until it trains."""
     from peft import LoraConfig, inject_adapter_in_model

@@ -37,7 +37,7 @@ def evaluate(
     teacher: nn.Module, models: dict[str, nn.Module], task: Task, batches: list[Batch], timed: dict[int, Batch],
     latency_repeats: int | None, site_error_batches: int, sources: dict[str, list[int]] | None = None,
 ) -> dict[str, Any]:
-    """Metrics of every model in `models` (e.g. distilled student, undistilled baseline) against the teacher.
+    """Metrics of every model in `models` (e.g. the final student, the untrained baseline) against the teacher.
 
     `timed` maps batch sizes to the batches whose CPU latency is measured (median of `latency_repeats`).
     `sources` maps held-out source names to the indices of their batches; with more than one, fidelity

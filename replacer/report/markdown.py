@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from replacer.files import write_text_atomically
-from replacer.run.layout import budget_family
 from replacer.recipe import Recipe
-from replacer.run.layout import RunLayout
+from replacer.run.layout import STUDENT, RunLayout, budget_family
 from replacer.tasks import Task
 
 
@@ -135,14 +134,14 @@ def _pruning(report: dict[str, Any]) -> list[str]:
     teacher += ["", ""] if by_latency else []
     rows = [teacher]
     for name in names:
-        row = [name, mixers[name], mixers[name] / mixers["distilled"], params[name], params[name] / params["teacher"],
+        row = [name, mixers[name], mixers[name] / mixers[STUDENT], params[name], params[name] / params["teacher"],
                report["fidelity"][name][headline]]
         if whole:
             kinds = searched.get(name, {}).get("removed_by_kind", {})
             row.append(" / ".join(str(kinds.get(k, 0)) for k in ("mixer", "feed-forward", "attention heads")) if kinds else "")
         if size:
             ms = latency[size]
-            row += [ms[name], ms[name] / ms["distilled"], ms[name] / ms["teacher"]]
+            row += [ms[name], ms[name] / ms[STUDENT], ms[name] / ms["teacher"]]
         if by_latency:
             row += [searched.get(name, {}).get("target_ms", ""), searched.get(name, {}).get("latency_ms", "")]
         rows.append(row)
@@ -168,7 +167,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     parts = [
         f"# {report['recipe']}: {report['model']} -> {report['plugin']}",
         f"Task: {report['task']}. Student and baseline share the same mixers and initialisation; "
-        "the baseline skips distillation.",
+        "the untrained baseline skips every training stage.",
         "## Fidelity to the teacher (held-out data)",
         _table(["metric", *models], [[n, *(fidelity[m][n] for m in models)] for n in names]),
         *_by_source(report, models),

@@ -15,7 +15,7 @@ from replacer.run.inputs import load_examples
 from replacer.plugins import get_registry
 from replacer.recipe import TextData
 from replacer.report.markdown import render_markdown
-from replacer.run.layout import RunLayout
+from replacer.run.layout import STUDENT, RunLayout
 from replacer.run.saved_source import SavedSource
 
 
@@ -23,8 +23,7 @@ def evaluate_saved(
     source: Path, evaluation: str, options: dict[str, Any], teacher: str | None = None, text: str | None = None,
     limit: int | None = None, max_length: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """Figures by model from `evaluation`: "teacher" and "distilled" (a run's final student, named as its
-    report names it) or "student" (a saved model). `source` is a run directory (its recipe names the
+    """Figures by model from `evaluation`: "teacher" and "student" (a run's final student, or a saved model). `source` is a run directory (its recipe names the
     teacher and the held-out text) or a saved student (then `teacher` and `text` are needed)."""
     found = SavedSource.open(source, teacher, "--teacher SOURCE and --text SOURCE (held-out text, e.g. fortunes)")
     if not found.is_run and text is None:
@@ -42,7 +41,7 @@ def evaluate_saved(
         examples = list(load_examples([TextData(source=text, limit=limit)], seed=1))
     else:
         examples = list(load_examples(found.recipe.data.eval, found.recipe.seed + 1))[:limit]
-    figures = chosen.evaluate({"teacher": base, "distilled" if found.is_run else "student": student}, examples, context, **options)
+    figures = chosen.evaluate({"teacher": base, STUDENT: student}, examples, context, **options)
     if found.is_run:
         _add_to_report(RunLayout(source), evaluation, figures)
     return figures

@@ -19,9 +19,10 @@ from replacer.distill.lora import lora_targets
 from replacer.errors import ModelSourceError, ReplacerError, SiteSelectionError, summary
 from replacer.ecosystem import ModelContext
 from replacer.exporting import export_formats
+from replacer.graph.scan import ScanResult, scan
 from replacer.models import load_model
 from replacer.plugins import get_registry
-from replacer.recipe import DataSource, DigitsData, IdxData, ImageFolderData, ModelSpec, Recipe, SitePolicy, TextData
+from replacer.recipe import DataSource, DigitsData, IdxData, ImageFolderData, ModelSection, Recipe, SitePolicy, TextData
 from replacer.tasks import task_kind
 
 
@@ -66,7 +67,7 @@ def _missing_text(where: str, source: TextData) -> list[str]:
     return [f"{where}.source: unknown text source '{name}': give one of {SOURCE_FORMS}"]
 
 
-def load_teacher(spec: ModelSpec) -> nn.Module:
+def load_teacher(spec: ModelSection) -> nn.Module:
     """The teacher, from the hub/offline package or from a local weights file (never unpickled)."""
     if spec.checkpoint is None:
         return load_model(spec.source, pretrained=spec.pretrained, kwargs=spec.kwargs).eval()
@@ -117,34 +118,34 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def preflight(recipe: Recipe) -> nn.Module:
+def preflight(recipe: Recipe) -> tuple[nn.Module, str]:
     """Load the teacher, check the data folders, the sites the recipe selects against the model's scan
     and the export formats against its task; report every problem in one line, before any work
-    (`replacer validate` runs the same)."""
+    (`replacer validate` runs the same). Returns the teacher and the task kind its one scan implies."""
     problems = _missing_data("train", recipe.data.train) + _missing_data("eval", recipe.data.eval)
-    teacher = None
+    teacher, kind = None, recipe.model.task
     try:
         teacher = load_teacher(recipe.model)
-        check_sites(recipe, teacher)
+        found = scan(teacher)
+        kind = task_kind(recipe.model.task, found, is_text(recipe))
+        check_sites(recipe, found)
         if recipe.tune.enabled and recipe.tune.train == "lora" and recipe.tune.lora.targets is not None:
             lora_targets(teacher, recipe.tune.lora.targets)  # the student keeps these layers
         if recipe.export.enabled:
-            export_formats(recipe.export.formats, export_context(recipe, task_kind(recipe.model.task, teacher, is_text(recipe))))
-        check_model_budgets(recipe, teacher)
+            export_formats(recipe.export.formats, export_context(recipe, kind))
+        check_model_budgets(recipe, teacher, found)
     except ReplacerError as exc:
         problems.insert(0, str(exc))
     if problems:
         raise MissingInputError("; ".join(problems))
-    return teacher
+    return teacher, kind
 
 
-def check_sites(recipe: Recipe, teacher: nn.Module) -> None:
-    """The recipe's sites exist in `teacher`: explicit selectors each match a replaceable site, a layer policy
-    asks for no more layers than there are, and `all` finds at least one."""
-    from replacer.graph.scan import scan
+def check_sites(recipe: Recipe, found: ScanResult) -> None:
+    """The recipe's sites exist in the teacher `found` by its scan: explicit selectors each match a replaceable
+    site, a layer policy asks for no more layers than there are, and `all` finds at least one."""
     from replacer.replace import select_sites
 
-    found = scan(teacher)
     chosen = recipe.sites
     if isinstance(chosen, SitePolicy):
         if chosen.layers is not None and chosen.layers > len(found.sites):
@@ -156,11 +157,10 @@ def check_sites(recipe: Recipe, teacher: nn.Module) -> None:
         raise SiteSelectionError(f"sites: {exc}") from None
 
 
-def check_model_budgets(recipe: Recipe, teacher: nn.Module) -> None:
+def check_model_budgets(recipe: Recipe, teacher: nn.Module, found: ScanResult) -> None:
     """Whole-model pruning budgets (`prune.scope: model`) lie above the share of the student that no group
     can cut. Checked by building the untrained student where its sites are known before any analysis
     (explicit sites, `all`, random policies); a policy that ranks by attention is checked when it prunes."""
-    from replacer.graph.scan import scan
     from replacer.pruning import fixed_fraction
     from replacer.replace import replace
     from replacer.run.selection import choose_sites
@@ -170,7 +170,7 @@ def check_model_budgets(recipe: Recipe, teacher: nn.Module) -> None:
         return
     if isinstance(policy, SitePolicy) and not policy.policy.startswith("random"):
         return
-    selection = choose_sites(recipe, scan(teacher).sites, None)
+    selection = choose_sites(recipe, found.sites, None)
     student = replace(teacher, recipe.mixer.plugin, sites=selection.sites, options=recipe.mixer.options, heads=selection.heads)
     floor = fixed_fraction(student)
     low = [b for b in spec.budgets if b <= floor]

@@ -299,11 +299,17 @@ class RunDir:
             f.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
 
+STUDENT = "student"
+"""What a report calls the run's final student (tuned, else distilled block-wise)."""
+UNTRAINED = "untrained"
+"""What a report calls the baseline: the same mixers, initialised alike, never trained."""
+
+
 def budget_name(budget: float) -> str:
     return f"{PRUNED_PREFIX}{budget * 100:g}"
 
 
 def budget_family(models: list[str]) -> list[str]:
-    """The tuned student ("distilled") and the students pruned from it, in report order; empty when none was pruned."""
-    family = [m for m in models if m == "distilled" or m.startswith(PRUNED_PREFIX)]
+    """The final student and the students pruned from it, in report order; empty when none was pruned."""
+    family = [m for m in models if m == STUDENT or m.startswith(PRUNED_PREFIX)]
     return family if len(family) > 1 else []

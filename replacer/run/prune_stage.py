@@ -23,7 +23,7 @@ from replacer.train.distributed import SINGLE, World
 from replacer.errors import ReplacerError
 from replacer.pruning import GroupIndex, cut, hoyer_square, importance_scores, index_target, mixer_parameters, model_parameters
 from replacer.pruning.latency import Measure, fit_latency
-from replacer.recipe import PruneSpec, TuneSpec
+from replacer.recipe import PruneSection, TuneSection
 from replacer.run.layout import HOYER, budget_name
 from replacer.tasks import Task
 from replacer.train.state import clear_state
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 
 def prune_budgets(
-    student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, tune: TuneSpec,
+    student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSection, tune: TuneSection,
     folder: Path, students: Path, progress: "Progress", log: Callable[[dict], None], world: World = SINGLE,
     measure: Measure | None = None,
 ) -> dict[str, dict]:
@@ -96,7 +96,7 @@ def prune_budgets(
 
 
 def _fit_on_main(
-    student: nn.Module, index: GroupIndex, scores: torch.Tensor, spec: PruneSpec, target_ms: float, measure: Measure, world: World
+    student: nn.Module, index: GroupIndex, scores: torch.Tensor, spec: PruneSection, target_ms: float, measure: Measure, world: World
 ) -> dict:
     """Rank 0 times pruned copies to find the parameter count within `target_ms`; every rank gets its answer
     (or its error, so no rank waits for an answer that never comes)."""
@@ -114,7 +114,7 @@ def _fit_on_main(
 
 
 def _hoyer_regularised(
-    student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSpec, recovery: TuneSpec,
+    student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSection, recovery: TuneSection,
     folder: Path, students: Path, progress: "Progress", log: Callable[[dict], None], world: World,
 ) -> nn.Module:
     """The tuned student trained on with FAR's Hoyer-square group penalty, so group norms separate."""

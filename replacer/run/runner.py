@@ -41,8 +41,8 @@ def prepare(recipe: Recipe) -> tuple[nn.Module, Task, BatchPlan]:
     rank), the task it computes and the training batches; every missing input fails here, at once."""
     check_components(recipe)
     torch.manual_seed(recipe.seed)
-    teacher = preflight(recipe)
-    task = resolve_task(recipe.model.task, teacher, load_tokenizer(recipe), is_text(recipe), max_text_length(recipe))
+    teacher, kind = preflight(recipe)
+    task = resolve_task(kind, load_tokenizer(recipe), is_text(recipe), max_text_length(recipe))
     train = load_examples(recipe.data.train, recipe.seed)
     return teacher, task, BatchPlan(train, recipe.data.batch_size, task.collate, seed=recipe.seed, lengths=example_lengths(train))
 

@@ -11,8 +11,9 @@ from torch import nn
 from replacer.ecosystem import ModelContext
 from replacer.errors import ReplacerError
 from replacer.run.inputs import export_context, is_text, load_teacher
-from replacer.recipe import ModelSpec, Recipe, load_recipe
+from replacer.recipe import ModelSection, Recipe, load_recipe
 from replacer.run.layout import RESOLVED_RECIPE, RunLayout
+from replacer.graph.scan import scan
 from replacer.tasks import task_kind
 
 
@@ -43,16 +44,16 @@ class SavedSource:
         return RunLayout(self.path).model if self.is_run else self.path
 
     def load_teacher(self) -> nn.Module:
-        spec = self.recipe.model if self.is_run and self.teacher is None else ModelSpec(source=self.teacher)
+        spec = self.recipe.model if self.is_run and self.teacher is None else ModelSection(source=self.teacher)
         return load_teacher(spec).eval()
 
     def context(self, student: nn.Module, max_length: int) -> ModelContext:
         """What exporters and evaluations are told: from the run's recipe (the given teacher wins), or from the
         given teacher, the student's own structure and `max_length`."""
         if not self.is_run:
-            return ModelContext(self.teacher, self.teacher, task_kind("auto", student, True), max_length)
+            return ModelContext(self.teacher, self.teacher, task_kind("auto", scan(student), True), max_length)
         recipe = self.recipe
-        found = export_context(recipe, task_kind(recipe.model.task, student, is_text(recipe)))
+        found = export_context(recipe, task_kind(recipe.model.task, scan(student), is_text(recipe)))
         if self.teacher is None:
             return found
         return ModelContext(self.teacher, self.teacher, found.task, found.max_length)

@@ -18,7 +18,7 @@ from replacer.train.distributed import SINGLE, World
 from replacer.files import read_or_explain, write_atomically
 from replacer.graph.scan import scan
 from replacer.plugins import get_registry
-from replacer.recipe import SparsifySpec, TuneSpec
+from replacer.recipe import SparsifySection, TuneSection
 from replacer.tasks import Task
 from replacer.train.state import clear_state
 
@@ -37,7 +37,7 @@ def sparse_attention(model: nn.Module, top_k: int) -> Iterator[nn.Module]:
 
 
 def sparsified_teacher(
-    dense: nn.Module, task: Task, plan: BatchPlan, spec: SparsifySpec, tune: TuneSpec, folder: Path,
+    dense: nn.Module, task: Task, plan: BatchPlan, spec: SparsifySection, tune: TuneSection, folder: Path,
     progress: "Progress", log: Callable[[dict], None], stack: contextlib.ExitStack, world: World = SINGLE,
 ) -> tuple[nn.Module, nn.Module]:
     """The sparse teacher (attention sparse while `stack` lives) and its weights under dense attention,

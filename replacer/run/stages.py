@@ -38,7 +38,7 @@ from replacer.run.inputs import concatenated, export_context
 from replacer.plugins import get_registry
 from replacer.progress import Progress
 from replacer.pruning.latency import Measure
-from replacer.run.layout import budget_name
+from replacer.run.layout import STUDENT, UNTRAINED, budget_name
 from replacer.run.prune_stage import prune_budgets
 from replacer.recipe import Recipe
 from replacer.replace import replace
@@ -98,7 +98,7 @@ class RunContext:
         return choose_sites(self.recipe, scan(self.foundation).sites, self.statistics)
 
     def untrained_student(self) -> nn.Module:
-        """The replaced model before training; seeded, so the undistilled baseline starts identically."""
+        """The replaced model before training; seeded, so the untrained baseline starts identically."""
         recipe = self.recipe
         torch.manual_seed(recipe.seed)
         return replace(
@@ -263,7 +263,7 @@ class PruneStage(Stage):
 
 
 class EvaluateStage(Stage):
-    """Every student (and the undistilled baseline) against the dense teacher on the held-out data."""
+    """Every student (and the untrained baseline) against the dense teacher on the held-out data."""
 
     name, main_only = "evaluate", True
 
@@ -274,13 +274,13 @@ class EvaluateStage(Stage):
         recipe, task, layout = ctx.recipe, ctx.task, ctx.layout
         batches, sources = held_out_batches(ctx)
         student = ctx.trained_student()
-        models = {"distilled": student}
+        models = {STUDENT: student}
         if recipe.prune.enabled:
             for budget in sorted(recipe.prune.budgets, reverse=True):
                 name = budget_name(budget)
                 models[name] = load(layout.students / name, base=ctx.foundation)
         if recipe.evaluate.baseline:
-            models["undistilled"] = ctx.untrained_student()
+            models[UNTRAINED] = ctx.untrained_student()
         with ctx.progress.task("evaluate", 1) as advance:
             metrics = evaluate(
                 ctx.reference, models, task, batches, timed_batches(ctx),
@@ -353,7 +353,7 @@ def read_evaluation(path: Path) -> dict[str, Any] | None:
         metrics = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return metrics if isinstance(metrics, dict) and "fidelity" in metrics else None
+    return metrics if isinstance(metrics, dict) and STUDENT in metrics.get("fidelity", {}) else None
 
 
 def example_lengths(examples: Any) -> list[int] | None:

@@ -14,13 +14,13 @@ from replacer.errors import ReplacerError
 from replacer.graph.scan import scan
 from replacer.files import read_or_explain, write_text_atomically
 from replacer.plugins import get_registry
-from replacer.recipe import AnalyzeSpec
+from replacer.recipe import AnalyzeSection
 from replacer.tasks import Task
 
 RESULT = "attention.json"
 
 
-def analyze_teacher(teacher: nn.Module, task: Task, plan: BatchPlan, spec: AnalyzeSpec, folder: Path) -> dict[str, Any]:
+def analyze_teacher(teacher: nn.Module, task: Task, plan: BatchPlan, spec: AnalyzeSection, folder: Path) -> dict[str, Any]:
     """Statistics per site of the teacher on `spec.batches` training batches, cached in `folder`."""
     cached = folder / RESULT
     if cached.is_file():
