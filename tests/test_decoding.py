@@ -59,9 +59,30 @@ def test_left_padded_batch_generates_like_each_row_alone(plugin):
     torch.testing.assert_close(batch[0, 3:], alone[0])
 
 
-def test_beam_search_and_several_return_sequences_run():
+@pytest.mark.parametrize("plugin", ["lstm", "ssm"])
+@pytest.mark.parametrize("family", sorted(FACTORIES))
+@pytest.mark.parametrize("sites", [None, [1]], ids=["all", "half"])
+def test_beam_search_with_the_cache_equals_beam_search_recomputing(family, sites, plugin):
+    """Beam search reorders the cache by beam after every step; without a cache every step recomputes the
+    whole prefix, so the two agree only if each beam's mixer state follows its beam."""
     torch.manual_seed(0)
-    student = replacer.replace(tiny_gpt2().eval())
+    student = replacer.replace(FACTORIES[family]().eval(), plugin=plugin, sites=sites)
     ids = torch.randint(1, 100, (2, 4))
-    out = student.generate(ids, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False, min_new_tokens=4)
-    assert out.shape == (4, 8)
+    options = dict(max_new_tokens=6, min_new_tokens=6, num_beams=3, num_return_sequences=2, do_sample=False,
+                   return_dict_in_generate=True, output_scores=True)
+    cached = student.generate(ids, use_cache=True, **options)
+    recomputed = student.generate(ids, use_cache=False, **options)
+    assert cached.sequences.shape == (4, 10)
+    torch.testing.assert_close(cached.sequences, recomputed.sequences)
+    torch.testing.assert_close(cached.sequences_scores, recomputed.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_reordering_the_cache_moves_each_rows_state_with_it():
+    torch.manual_seed(0)
+    student = replacer.replace(tiny_llama().eval(), sites=[0])
+    cache = DynamicCache(config=student.config)
+    student(torch.randint(1, 100, (3, 5)), use_cache=True, **{cache_argument_name(student): cache})
+    before = [t.clone() for t in cache.layers[0].state]
+    cache.reorder_cache(torch.tensor([2, 2, 0]))
+    for old, new in zip(before, cache.layers[0].state):
+        torch.testing.assert_close(new, old[[2, 2, 0]])

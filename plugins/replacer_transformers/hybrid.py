@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from replacer.errors import UnsupportedCallError
-from replacer.graph.adapter import Unsupported, padding_from_attention_mask
+from replacer.graph.adapter import Target, Unsupported, padding_from_attention_mask
 from replacer.graph.site import Site, head_rows
 from replacer.mixer import Mixer, PruneGroup
 from replacer_transformers.convention import HFReplacedAttention
@@ -62,7 +62,8 @@ class HFHybridAttention(HFReplacedAttention):
 
     `projections` names the layer's query, key and value projections; `kept` its output path inside
     the module (empty for BERT-style layers, whose output projection is a sibling module). Layers that
-    take rotary position embeddings cannot run from their input alone, so they train end to end only.
+    take rotary position embeddings cannot run from their input alone (`mix`), yet their mixer learns
+    block-wise from the teacher's head outputs (`target_in`, `predict`).
     """
 
     def __init__(
@@ -136,11 +137,29 @@ class HFHybridAttention(HFReplacedAttention):
             groups.append(PruneGroup(f"kv head {kv}", f"{self.site.name} kept heads", tuple(slices), "kept heads"))
         return groups
 
+    distills_alone = True
+    """Each replaced head learns its own teacher head's output, which needs no position embeddings."""
+
+    def target_in(self, teacher_site: nn.Module) -> tuple[nn.Module, Target]:
+        """The replaced heads' outputs before the output projection (LoLCATs' attention transfer): the
+        projection's input where the layer holds one, else the layer's own output, which is the heads'
+        context when the projection lives outside it (BERT)."""
+        columns = head_rows(self.replaced, self.site.head_dim)
+        projection = getattr(teacher_site, self._tail[0], None) if self._tail else None
+        if isinstance(projection, nn.Module):
+            return projection, lambda inputs, output: inputs[0][..., columns]
+        return teacher_site, lambda inputs, output: self.read_output(output)[..., columns]
+
+    def predict(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """The replaced heads' outputs, head after head: the mixer alone."""
+        return self.mixer(x, padding)
+
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         if not self.mixes_alone:
             raise UnsupportedCallError(
                 f"site '{self.site.name}' is a head-level hybrid: its kept heads need the layer's position "
-                "embeddings, so it trains end to end only; set distill.enabled to false"
+                "embeddings, so the layer runs only in the model's forward (block-wise distillation trains its "
+                "heads with `predict`)"
             )
         mask = None if padding is None else padding[:, None, None, :].to(x.device, torch.bool)
         return self._hybrid(x, mask, None, None)

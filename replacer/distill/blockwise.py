@@ -93,7 +93,7 @@ def train_site(
 
     def loss_at(step: int) -> torch.Tensor:
         x, y, keep = store.get(order.batch(step))
-        return site_loss(spec.loss, wrapper.mix(x, keep), y, keep)
+        return site_loss(spec.loss, wrapper.predict(x, keep), y, keep)
 
     wrapper.train()
     try:
@@ -142,11 +142,11 @@ def distill_blockwise(
     Under torchrun each rank trains its share of the sites; all ranks then load every site's result.
     """
     wrappers = site_wrappers(student)
-    hybrids = [name for name, w in wrappers.items() if not w.mixes_alone]
-    if hybrids:
+    bound = [name for name, w in wrappers.items() if not w.distills_alone]
+    if bound:
         raise ReplacerError(
-            f"site {hybrids[0]} cannot be distilled block-wise: it is a head-level hybrid whose kept heads need "
-            "the layer's position embeddings; set distill.enabled to false (tuning trains it end to end)"
+            f"site {bound[0]} cannot be distilled block-wise: its output depends on more than its input "
+            "(e.g. a residual added inside the layer); set distill.enabled to false (tuning trains it end to end)"
         )
     folder.mkdir(parents=True, exist_ok=True)
     todo = {n: wrappers[n] for n in world.mine(list(wrappers)) if not _mixer_file(folder, n).is_file()}

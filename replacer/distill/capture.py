@@ -24,23 +24,25 @@ Pair = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 @contextlib.contextmanager
 def capture_sites(teacher: nn.Module, wrappers: dict[str, ReplacedAttention]) -> Iterator[dict[str, list[Pair]]]:
-    """While active, every teacher forward appends one pair per site to the yielded lists."""
+    """While active, every teacher forward appends one pair per site to the yielded lists: the site's input
+    as its wrapper reads it, and the target the wrapper names (`target_in`: the site's output by default,
+    a hybrid's replaced heads before the output projection)."""
     records: dict[str, list[Pair]] = {name: [] for name in wrappers}
     pending: dict[str, tuple] = {}
     handles = []
     for name, wrapper in wrappers.items():
         module = teacher.get_submodule(name)
+        target_module, target = wrapper.target_in(module)
 
         def before(_mod, args, kwargs, name=name, wrapper=wrapper):
             pending[name] = wrapper.read_call(args, kwargs)
 
-        def after(_mod, _args, output, name=name, wrapper=wrapper):
+        def after(_mod, inputs, output, name=name, target=target):
             x, keep = pending.pop(name)
-            y = wrapper.read_output(output)
-            records[name].append((x.detach(), y.detach(), keep))
+            records[name].append((x.detach(), target(inputs, output).detach(), keep))
 
         handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-        handles.append(module.register_forward_hook(after))
+        handles.append(target_module.register_forward_hook(after))
     try:
         yield records
     finally:

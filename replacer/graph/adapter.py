@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from typing import Any, ContextManager
+from typing import Any, Callable, ContextManager
 
 import torch
 from torch import nn
@@ -12,6 +12,10 @@ from torch import nn
 from replacer.graph.feed_forward import FeedForward, NoFeedForward, find_feed_forward
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import Mixer, PruneGroup
+
+
+Target = Callable[[tuple, Any], torch.Tensor]
+"""A function of a teacher module's positional inputs and output: what a site learns block-wise."""
 
 
 class Unsupported(Exception):
@@ -79,8 +83,9 @@ class ReplacedAttention(nn.Module):
     """
 
     mixes_alone: bool = True
-    """`mix(x, padding)` reproduces the site from its input alone. Block-wise distillation and per-site
-    analyses need it; a head-level hybrid (whose kept heads need position embeddings) does not have it."""
+    """`mix(x, padding)` reproduces the site from its input alone. Per-site analyses need it; a head-level
+    hybrid (whose kept heads need position embeddings) does not have it, yet distils block-wise
+    (`distills_alone`)."""
 
     def __init__(self, site: Site, mixer: Mixer, original: nn.Module, kept: tuple[str, ...] = ()) -> None:
         super().__init__()
@@ -101,6 +106,22 @@ class ReplacedAttention(nn.Module):
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         """What the original module's main output would be, laid out like `read_call`'s input: mixer, then
         the kept output path."""
+
+    @property
+    def distills_alone(self) -> bool:
+        """Block-wise distillation can train this site from recorded teacher pairs: `predict` on the site's
+        input against what `target_in` reads from the teacher."""
+        return self.mixes_alone
+
+    def target_in(self, teacher_site: nn.Module) -> tuple[nn.Module, Target]:
+        """Where block-wise distillation reads this site's target in the teacher: a module of the teacher's
+        site (or the site itself) and a function of that module's positional inputs and its output. By
+        default the site's main output, which `predict` (`mix`) reproduces."""
+        return teacher_site, lambda inputs, output: self.read_output(output)
+
+    def predict(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
+        """What block-wise distillation compares with the target `target_in` reads: `mix` by default."""
+        return self.mix(x, padding)
 
     def prunable_groups(self) -> list[PruneGroup]:
         """Groups of the kept parts (a hybrid's attention heads), slices named relative to this module;
