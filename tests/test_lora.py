@@ -17,8 +17,8 @@ from replacer.run.runner import run_recipe
 
 LORA_RUN = """mixer: {plugin: lstm, options: {hidden_per_head: 4}}
 distill: {steps: 3, calibration_batches: 3}
-tune: {steps: 12, lr: 0.01, train: lora, lora: {rank: 4, alpha: 8}, checkpoint_every: 5}
-evaluate: {latency: false, figures: false, baseline: false}
+tune: {steps: 12, lr: 0.01, train: lora, lora: {rank: 4, alpha: 8}, checkpoint_every: 5, task_weight: 0}
+evaluate: {latency: false, figures: false}
 """
 
 
