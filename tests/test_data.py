@@ -296,6 +296,40 @@ def test_match_keeps_matching_texts_before_the_limit(tmp_path):
         load_texts(f"file:{lines}", parts=["a"])
 
 
+def test_passages_join_consecutive_texts_of_one_document(tmp_path):
+    from replacer.data.text import passages
+
+    texts = [f"Sentence number {i} of the file." for i in range(10)]  # 30 characters each, 31 with a space
+    joined = list(passages(texts, 100))
+    assert joined == [" ".join(texts[0:4]), " ".join(texts[4:8]), " ".join(texts[8:10])]  # a tail of 62 > 50 stays
+    assert list(passages(texts[:9], 100)) == joined[:2]  # a tail of 31 < 50 characters is dropped
+    a = _write(tmp_path / "a.txt", "\n".join(f"Line {i} of the first file, which is long enough." for i in range(6)))
+    b = _write(tmp_path / "b.txt", "\n".join(f"Line {i} of the second file, which is long enough." for i in range(6)))
+    found = load_texts(f"file:{tmp_path}/a.txt", passage_chars=150)
+    assert sorted(found) == sorted(passages(a.read_text().splitlines(), 150))
+    both = text_file_lines([a, b], passage_chars=150)  # passages never cross from one file into the next
+    assert all(("first" in p) != ("second" in p) for p in both) and len(both) == 4
+    assert text_file_lines([a, b], passage_chars=150, seed=3) == text_file_lines([a, b], passage_chars=150, seed=3)
+    with pytest.raises(DataError, match="passage_chars must be a positive whole number"):
+        text_file_lines([a], passage_chars=0)
+
+
+def test_fortune_and_bible_passages_stay_within_their_file_or_block(tmp_path):
+    root = make_fortunes(tmp_path / "fortunes")
+    (root / "songs-poems").write_text("Roses are red and violets are blue, sugar is sweet.\n%\nThe second verse is sung a little louder.\n%\n")
+    joined = fortune_sentences(root, passage_chars=60)
+    assert sorted(joined) == sorted([
+        "A journey of a thousand miles begins with a single step. Two lines of wisdom that belong together in one entry.",
+        "Roses are red and violets are blue, sugar is sweet. The second verse is sung a little louder.",
+    ])
+    web = make_ztext(tmp_path / "web", [OSIS_BOOK, "<div>Another book stands in its own block here.</div>"])
+    assert sorted(bible_sentences(web, passage_chars=80)) == [  # the last verse of a block does not run into the next
+        "Another book stands in its own block here.",
+        'In the beginning was the Word. He said, "Come and see what is written here!" Short.',
+        "The children of Israel didn't forget the covenant of their fathers.",
+    ]
+
+
 def test_jsonl_texts(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"text": "hello world", "body": "x"}) + "\n\n" + json.dumps({"text": "bye", "body": "y"}) + "\n")

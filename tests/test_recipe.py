@@ -87,6 +87,22 @@ def test_text_selection_fields_are_checked_with_the_recipe(tmp_path):
     assert [s.name for s in recipe.data.eval] == ["fortunes[law]", "numbers"]
 
 
+def test_passages_fill_the_sources_max_length(tmp_path):
+    from replacer.run.inputs import CHARS_PER_TOKEN, load_source
+
+    lines = tmp_path / "lines.txt"
+    lines.write_text("\n".join(f"Line {i} says something of middling length." for i in range(40)))
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(path, [f"data.eval=[{{kind: text, source: 'file:{lines}', max_length: 32, passages: true}}, {{kind: text, source: 'file:{lines}'}}]"])
+    joined, single = recipe.data.eval
+    assert joined.name == f"file:{lines} passages" and single.name == f"file:{lines}"  # distinct names in the report
+    texts = load_source(joined, seed=0)  # 3-4 lines of 42-44 characters pass 4 x 32 characters
+    whole = " ".join(lines.read_text().splitlines())
+    assert all(len(t) >= CHARS_PER_TOKEN * 32 > len(t.rsplit(" Line ", 1)[0]) and t in whole for t in texts)  # no line more
+    assert sum(t.count("Line ") for t in texts) > 40 - 3  # only a last piece under half a passage is left out
+    assert len(load_source(single, seed=0)) == 40
+
+
 def test_cli_validate(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(app, ["validate", str(write(tmp_path, MINIMAL))])

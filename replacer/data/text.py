@@ -1,7 +1,9 @@
 """English text that exists offline, for calibrating, distilling and evaluating language models.
 
 Every source returns a deduplicated, sorted-then-shuffled list, so the same `seed` always gives the
-same texts in the same order, and `limit` always takes a prefix of that order.
+same texts in the same order, and `limit` always takes a prefix of that order. With `passage_chars`,
+each source first joins the consecutive texts of one document (a file, a block of verses) into
+passages of about that many characters, for calibrating on long contexts.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ BIBLE_ROOT = "/usr/share/sword/modules/texts/ztext/engWEB2015eb"
 MIN_CHARS, MAX_CHARS = 30, 300
 MIN_LETTER_FRACTION = 0.75
 CANDIDATES_PER_TEXT = 4
+SENTENCE_CHARS = 80  # a typical sentence, for sizing the docstring scan when sentences are joined into passages
 MAX_SCAN_WORKERS = 8
 
 # Directories whose docstrings are test scaffolding, vendored copies or editor code, not prose.
@@ -75,7 +78,7 @@ def split_sentences(text: str) -> list[str]:
     return [part for part in _SENTENCE_END.split(" ".join(text.split())) if part]
 
 
-def docstring_sentences(limit: int | None = None, seed: int = 0) -> list[str]:
+def docstring_sentences(limit: int | None = None, seed: int = 0, passage_chars: int | None = None) -> list[str]:
     """Prose sentences from the docstrings of the stdlib and installed packages.
 
     Sources are parsed with `ast`, never imported, so scanning runs no third-party code. Files are
@@ -83,14 +86,17 @@ def docstring_sentences(limit: int | None = None, seed: int = 0) -> list[str]:
     candidates, which keeps small requests fast.
     """
     check_limit(limit)
-    wanted = None if limit is None else CANDIDATES_PER_TEXT * limit
-    found: set[str] = set()
+    per_text = max(1, (passage_chars or 0) // SENTENCE_CHARS)
+    wanted = None if limit is None else CANDIDATES_PER_TEXT * limit * per_text
+    files: list[list[str]] = []
     with _parallel_map() as mapper:
         for sentences in mapper(_file_prose, _python_files(_docstring_roots())):
-            found.update(sentences)
-            if wanted is not None and len(found) >= wanted:
+            files.append(sentences)
+            if wanted is not None and sum(map(len, files)) >= wanted:
                 break
-    return _sample(found, limit, seed, "no prose docstrings found in the installed Python sources; use another text source")
+    return _sample(
+        files, limit, seed, "no prose docstrings found in the installed Python sources; use another text source", passage_chars
+    )
 
 
 @contextmanager
@@ -162,7 +168,8 @@ def _docstring_prose(doc: str) -> Iterator[str]:
 
 
 def wordnet_sentences(
-    root: str | Path = WORDNET_ROOT, limit: int | None = None, seed: int = 0, parts: Sequence[str] | None = None
+    root: str | Path = WORDNET_ROOT, limit: int | None = None, seed: int = 0, parts: Sequence[str] | None = None,
+    passage_chars: int | None = None,
 ) -> list[str]:
     """WordNet glosses and their quoted usage examples, each as its own sentence.
 
@@ -177,8 +184,8 @@ def wordnet_sentences(
             f"WordNet not found at {folder} (no data.noun/verb/adj/adv): install the Debian package "
             "`wordnet-base` (apt-get install wordnet-base) or use another text source"
         )
-    sentences = (s for path in files for line in _read_lines(path) for s in _wordnet_line(line))
-    return _sample(filter(is_prose, sentences), limit, seed, f"no prose WordNet glosses in {folder}; use another text source")
+    documents = (filter(is_prose, (s for line in _read_lines(path) for s in _wordnet_line(line))) for path in files)
+    return _sample(documents, limit, seed, f"no prose WordNet glosses in {folder}; use another text source", passage_chars)
 
 
 def _wordnet_line(line: str) -> list[str]:
@@ -198,7 +205,8 @@ def _as_sentence(text: str) -> str:
 
 
 def fortune_sentences(
-    root: str | Path = FORTUNES_ROOT, limit: int | None = None, seed: int = 0, parts: Sequence[str] | None = None
+    root: str | Path = FORTUNES_ROOT, limit: int | None = None, seed: int = 0, parts: Sequence[str] | None = None,
+    passage_chars: int | None = None,
 ) -> list[str]:
     """Entries of the plain-text fortune files, each entry one text, whitespace collapsed.
 
@@ -215,9 +223,8 @@ def fortune_sentences(
             "(apt-get install fortunes) or use another text source"
         )
     files = [folder / name for name in _chosen_parts("fortunes", parts, found)]
-    entries = (entry for path in files for entry in _fortune_entries(path))
-    fitting = (entry for entry in entries if MIN_CHARS <= len(entry) <= MAX_CHARS)
-    return _sample(fitting, limit, seed, f"no fortunes of 30-300 characters in {folder}; use another text source")
+    documents = ((e for e in _fortune_entries(path) if MIN_CHARS <= len(e) <= MAX_CHARS) for path in files)
+    return _sample(documents, limit, seed, f"no fortunes of 30-300 characters in {folder}; use another text source", passage_chars)
 
 
 def fortune_parts(root: str | Path = FORTUNES_ROOT) -> list[str]:
@@ -254,7 +261,9 @@ def _fortune_entries(path: Path) -> list[str]:
     return [" ".join(entry.split()) for entry in entries if entry.strip()]
 
 
-def bible_sentences(root: str | Path = BIBLE_ROOT, limit: int | None = None, seed: int = 0) -> list[str]:
+def bible_sentences(
+    root: str | Path = BIBLE_ROOT, limit: int | None = None, seed: int = 0, passage_chars: int | None = None
+) -> list[str]:
     """Sentences of the World English Bible (modern English narrative, poetry and letters).
 
     Read from the SWORD zText module of the Debian package `sword-text-web`: `*.bzs` lists each
@@ -269,8 +278,8 @@ def bible_sentences(root: str | Path = BIBLE_ROOT, limit: int | None = None, see
             f"the World English Bible was not found at {folder} (no *.bzs/*.bzz): install the Debian package "
             "`sword-text-web` (apt-get install sword-text-web) or use another text source"
         )
-    sentences = (s for index in indexes for block in _ztext_blocks(index) for s in split_sentences(_osis_text(block)))
-    return _sample(filter(is_prose, sentences), limit, seed, f"no prose sentences in {folder}; use another text source")
+    blocks = (filter(is_prose, split_sentences(_osis_text(block))) for index in indexes for block in _ztext_blocks(index))
+    return _sample(blocks, limit, seed, f"no prose sentences in {folder}; use another text source", passage_chars)
 
 
 def _ztext_blocks(index: Path) -> Iterator[str]:
@@ -296,25 +305,32 @@ def _osis_text(block: str) -> str:
     return re.sub(r"\s+([,.;:?!])", r"\1", text)
 
 
-def text_file_lines(paths: Iterable[str | Path], limit: int | None = None, seed: int = 0) -> list[str]:
+def text_file_lines(
+    paths: Iterable[str | Path], limit: int | None = None, seed: int = 0, passage_chars: int | None = None
+) -> list[str]:
     """One text per non-empty line of UTF-8 files: the simplest way to bring your own corpus."""
     check_limit(limit)
     paths = [Path(p) for p in paths]
-    lines = (line.strip() for path in paths for line in _read_lines(path, strict=True))
+    documents = ([line.strip() for line in _read_lines(path, strict=True) if line.strip()] for path in paths)
     names = ", ".join(map(str, paths)) or "(no files given)"
-    return _sample((line for line in lines if line), limit, seed, f"no text in {names}: give UTF-8 files with one text per line")
+    return _sample(documents, limit, seed, f"no text in {names}: give UTF-8 files with one text per line", passage_chars)
 
 
-def prose_sentences(pattern: str, limit: int | None = None, seed: int = 0) -> list[str]:
+def prose_sentences(pattern: str, limit: int | None = None, seed: int = 0, passage_chars: int | None = None) -> list[str]:
     """Sentences of plain-text files matched by a glob: paragraphs are separated by blank lines and
     their wrapped lines joined, so books, licences and manuals read as running prose."""
     check_limit(limit)
     paths = prose_paths(pattern)
     if not paths:
         raise DataError(f"no file matches {pattern}: give a path or glob of UTF-8 text files")
-    paragraphs = (p for path in paths for p in re.split(r"\n\s*\n", "\n".join(_read_lines(path))))
-    sentences = (s for paragraph in paragraphs for s in split_sentences(paragraph))
-    return _sample(filter(is_prose, sentences), limit, seed, f"no prose sentences in the files of {pattern}; use another text source")
+    documents = (filter(is_prose, _file_sentences(path)) for path in paths)
+    return _sample(documents, limit, seed, f"no prose sentences in the files of {pattern}; use another text source", passage_chars)
+
+
+def _file_sentences(path: Path) -> Iterator[str]:
+    """Sentences of a plain-text file: wrapped lines joined within each blank-line-separated paragraph."""
+    for paragraph in re.split(r"\n\s*\n", "\n".join(_read_lines(path))):
+        yield from split_sentences(paragraph)
 
 
 def prose_paths(pattern: str) -> list[Path]:
@@ -322,13 +338,16 @@ def prose_paths(pattern: str) -> list[Path]:
     return sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern)) if Path(p).is_file())
 
 
-def jsonl_texts(path: str | Path, field: str = "text", limit: int | None = None, seed: int = 0) -> list[str]:
+def jsonl_texts(
+    path: str | Path, field: str = "text", limit: int | None = None, seed: int = 0, passage_chars: int | None = None
+) -> list[str]:
     """The string `field` of each JSON object in a JSON-lines file."""
     check_limit(limit)
     path = Path(path)
     lines = enumerate(_read_lines(path, strict=True), 1)
     texts = [_jsonl_field(path, number, line, field) for number, line in lines if line.strip()]
-    return _sample((t.strip() for t in texts if t.strip()), limit, seed, f"{path} holds no non-empty '{field}' values")
+    records = [t.strip() for t in texts if t.strip()]
+    return _sample([records], limit, seed, f"{path} holds no non-empty '{field}' values", passage_chars)
 
 
 def _jsonl_field(path: Path, number: int, line: str, field: str) -> str:
@@ -358,7 +377,9 @@ def _read_lines(path: Path, strict: bool = False) -> list[str]:
         raise DataError(f"cannot read {path}: {exc.strerror}; check the path and its permissions") from None
 
 
-def hf_dataset_texts(name: str, split: str, field: str = "text", limit: int | None = None, seed: int = 0) -> list[str]:
+def hf_dataset_texts(
+    name: str, split: str, field: str = "text", limit: int | None = None, seed: int = 0, passage_chars: int | None = None
+) -> list[str]:
     """The `field` column of a Hugging Face dataset split, for corpora not shipped on this machine."""
     check_limit(limit)
     try:
@@ -379,7 +400,8 @@ def hf_dataset_texts(name: str, split: str, field: str = "text", limit: int | No
         columns = ", ".join(table.column_names)
         raise DataError(f"Hugging Face dataset {name} has no column '{field}' (columns: {columns}); pass field=NAME")
     texts = (t.strip() for t in table[field] if isinstance(t, str))
-    return _sample((t for t in texts if t), limit, seed, f"Hugging Face dataset {name} split {split} holds no text in '{field}'")
+    message = f"Hugging Face dataset {name} split {split} holds no text in '{field}'"
+    return _sample([(t for t in texts if t)], limit, seed, message, passage_chars)
 
 
 TEXT_SOURCES: dict[str, Callable[..., list[str]]] = {
@@ -400,8 +422,8 @@ def load_texts(
 
     `parts` keeps some named parts of a source made of them (`SOURCE_PARTS`); `match` keeps the texts
     in which a regular expression is found, e.g. `\\d` for text dense with numbers, before `limit`
-    counts them. Other `kwargs` go to the chosen source: `root=` for wordnet/fortunes/bible,
-    `field=` for jsonl and hf, `split=` for hf.
+    counts them. Other `kwargs` go to the chosen source: `passage_chars=` to any (see `passages`),
+    `root=` for wordnet/fortunes/bible, `field=` for jsonl and hf, `split=` for hf.
     """
     if parts is not None:
         if source not in SOURCE_PARTS:
@@ -467,14 +489,35 @@ def _held_out_count(total: int, held_out: float | int) -> int:
     return held_out
 
 
+def passages(texts: Iterable[str], chars: int) -> Iterator[str]:
+    """Consecutive `texts` joined by spaces into passages of at least `chars` characters; a document's
+    last, shorter piece is kept when it reaches half of that, so each passage carries a long context."""
+    pending: list[str] = []
+    size = 0
+    for text in texts:
+        pending.append(text)
+        size += len(text) + 1
+        if size > chars:
+            yield " ".join(pending)
+            pending, size = [], 0
+    if pending and size > chars // 2:
+        yield " ".join(pending)
+
+
 def check_limit(limit: int | None) -> None:
     """Refuse a `limit` that is not None or a positive count; shared by every data source."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise DataError(f"limit must be a positive whole number or None, not {limit!r}")
 
 
-def _sample(texts: Iterable[str], limit: int | None, seed: int, empty_message: str) -> list[str]:
-    """Deduplicate, sort, shuffle with `seed`, keep `limit`: the one ordering every source shares."""
+def _sample(
+    documents: Iterable[Iterable[str]], limit: int | None, seed: int, empty_message: str, passage_chars: int | None = None
+) -> list[str]:
+    """Each document's texts (joined into passages when `passage_chars` is given), deduplicated, sorted,
+    shuffled with `seed`, `limit` kept: the one ordering every source shares."""
+    if passage_chars is not None and (isinstance(passage_chars, bool) or not isinstance(passage_chars, int) or passage_chars < 1):
+        raise DataError(f"passage_chars must be a positive whole number or None, not {passage_chars!r}")
+    texts = (t for doc in documents for t in (doc if passage_chars is None else passages(doc, passage_chars)))
     unique = sorted(set(texts))
     if not unique:
         raise DataError(empty_message)

@@ -26,6 +26,9 @@ from replacer.recipe import DataSource, DigitsData, IdxData, ImageFolderData, Mo
 from replacer.tasks import task_kind
 
 
+CHARS_PER_TOKEN = 4  # English text in the BPE and WordPiece vocabularies of the anchors' tokenizers
+
+
 class MissingInputError(ReplacerError):
     """Weights or data a recipe names are not on this machine."""
 
@@ -212,8 +215,13 @@ def is_text(recipe: Recipe) -> bool:
 def _text_options(source: TextData) -> dict[str, Any]:
     """The per-source fields that apply: parts and match to any, a field to jsonl, a field of a split to hf."""
     kind = source.source.partition(":")[0]
-    options: dict[str, Any] = {"parts": source.parts, "match": source.match}
+    options: dict[str, Any] = {"parts": source.parts, "match": source.match, "passage_chars": passage_chars(source)}
     return options | {"jsonl": {"field": source.field}, "hf": {"field": source.field, "split": source.split}}.get(kind, {})
+
+
+def passage_chars(source: TextData) -> int | None:
+    """The characters a passage of `source` joins (enough to fill its max_length tokens), or None for single texts."""
+    return CHARS_PER_TOKEN * source.max_length if source.passages else None
 
 
 def load_source(source: DataSource, seed: int) -> Sequence[Any]:
