@@ -58,6 +58,10 @@ class TextData(Strict):
     field: str = Field("text", description="the text field of a JSONL file or a datasets dataset")
     split: str = Field("train", description="the split of a datasets dataset")
     max_length: PositiveInt = Field(128, description="tokens per example; longer texts are cut")
+    passages: bool = Field(
+        False, description="join the consecutive texts of each document (a book's verses, a file's sentences or fortunes) "
+        "into passages that fill max_length tokens (at about 4 characters a token): long contexts for calibration",
+    )
 
     @field_validator("match")
     @classmethod
@@ -75,7 +79,7 @@ class TextData(Strict):
         if self.label:
             return self.label
         parts = f"[{', '.join(self.parts)}]" if self.parts else ""
-        return self.source + parts + (f" ~ /{self.match}/" if self.match else "")
+        return self.source + parts + (f" ~ /{self.match}/" if self.match else "") + (" passages" if self.passages else "")
 
 
 class ImageFolderData(Strict):
@@ -217,6 +221,11 @@ class DistillSection(Strict):
     lr: float = Field(3e-3, gt=0, le=1, description="AdamW peak learning rate (warm-up, then cosine decay)")
     loss: Literal["mse", "cosine", "mse+cosine"] = Field(
         "mse", description="against the teacher's site output; cosine is 1 - cosine per token (FAR)"
+    )
+    head_target: Literal["heads", "projected", "heads+projected"] = Field(
+        "heads", description="head-level hybrids: match each replaced head's output before the output projection "
+        "(LoLCATs), the replaced heads' contribution after it, or both summed; whole-site replacements match the "
+        "site's output either way",
     )
     calibration_batches: PositiveInt = Field(64, description="teacher batches captured per site")
     cache: Literal["memory", "disk"] = Field("memory", description="where captured teacher pairs are held")

@@ -180,6 +180,16 @@ def test_per_head_targets_are_each_replaced_heads_own_output(family, kv_heads, v
         hook.remove()
         torch.testing.assert_close(three, seen["in"][..., : 3 * hd])
 
+    hybrid = replacer.replace(copy.deepcopy(teacher), "lstm", sites=[site], heads={site: [0, 1, 2]}).get_submodule(site)
+    if family == "bert":  # the projection is BertSelfOutput's, outside the site: refused, with the fix
+        with pytest.raises(replacer.ReplacerError, match="set distill.head_target to heads"):
+            hybrid.projection()
+    else:  # the replaced heads' projected targets plus the kept head's share and the bias are the layer's output
+        o_proj = layer(teacher).o_proj
+        kept = torch.nn.functional.linear(seen["in"][..., 3 * hd:], o_proj.weight[:, 3 * hd:], o_proj.bias)
+        with torch.no_grad():
+            torch.testing.assert_close(hybrid.projection()(three) + kept, o_proj(seen["in"]), atol=1e-5, rtol=1e-4)
+
 
 def test_bad_head_choices_are_refused():
     with pytest.raises(replacer.SiteSelectionError, match="from 0 to 3"):
@@ -192,7 +202,8 @@ def test_bad_head_choices_are_refused():
         replacer.replace(tiny_gpt2(), "lstm", heads={"transformer.h.0.attn": [0]})
 
 
-def test_a_hybrid_distils_block_wise_each_replaced_head_learning_its_teacher_head(tmp_path):
+@pytest.mark.parametrize("head_target", ["heads", "heads+projected"])
+def test_a_hybrid_distils_block_wise_each_replaced_head_learning_its_teacher_head(tmp_path, head_target):
     import json
 
     from replacer.recipe import load_recipe
@@ -201,10 +212,10 @@ def test_a_hybrid_distils_block_wise_each_replaced_head_learning_its_teacher_hea
     from helpers import tiny_causal_recipe
 
     path = tiny_causal_recipe(tmp_path, """sites: {policy: random-heads, fraction: 0.5}
-distill: {steps: 60, lr: 0.01, calibration_batches: 8}
+distill: {steps: 60, lr: 0.01, calibration_batches: 8, head_target: %s}
 tune: {enabled: false}
 evaluate: {latency: false, figures: false}
-""")
+""" % head_target)
     report = run_recipe(load_recipe(path))
     assert report["replaced_heads"] and all(len(h) < 4 for h in report["replaced_heads"].values())
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

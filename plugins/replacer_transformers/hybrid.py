@@ -11,6 +11,7 @@ same cache slot. Whole-model pruning can cut kept kv heads, each with the query 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 import inspect
 import sys
 
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from replacer.errors import UnsupportedCallError
+from replacer.errors import ReplacerError, UnsupportedCallError
 from replacer.graph.adapter import Target, Unsupported, padding_from_attention_mask
 from replacer.graph.site import Site, head_rows
 from replacer.mixer import Mixer, PruneGroup
@@ -153,6 +154,19 @@ class HFHybridAttention(HFReplacedAttention):
     def predict(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         """The replaced heads' outputs, head after head: the mixer alone."""
         return self.mixer(x, padding)
+
+    def projection(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The replaced heads' columns of the output projection, without its bias (which the kept heads share):
+        their contribution to the layer's output. Refused where the projection lives outside the layer (BERT)."""
+        out = getattr(self, self._tail[0], None) if self._tail else None
+        if not isinstance(out, nn.Linear):
+            raise ReplacerError(
+                f"site {self.site.name}: its output projection lives outside the layer, so its heads cannot be "
+                "matched after it; set distill.head_target to heads"
+            )
+        _, _, replaced_slots, _ = self._layout()
+        weight = out.weight.detach()[:, head_rows(replaced_slots.tolist(), self.site.head_dim)]
+        return lambda heads: F.linear(heads, weight)
 
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
         if not self.mixes_alone:

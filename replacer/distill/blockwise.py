@@ -90,10 +90,15 @@ def train_site(
         p.requires_grad_(False)
     optimizer = adam(params.values(), lr=spec.lr)
     order = BatchPlan(range(len(store)), 1, collate=lambda items: items[0], seed=seed)
+    project = wrapper.projection() if "projected" in spec.head_target else None
 
     def loss_at(step: int) -> torch.Tensor:
         x, y, keep = store.get(order.batch(step))
-        return site_loss(spec.loss, wrapper.predict(x, keep), y, keep)
+        pred = wrapper.predict(x, keep)
+        loss = site_loss(spec.loss, pred, y, keep) if "heads" in spec.head_target else pred.new_zeros(())
+        if "projected" in spec.head_target:
+            loss = loss + site_loss(spec.loss, project(pred), project(y), keep)
+        return loss
 
     wrapper.train()
     try:
@@ -148,6 +153,9 @@ def distill_blockwise(
             f"site {bound[0]} cannot be distilled block-wise: its output depends on more than its input "
             "(e.g. a residual added inside the layer); set distill.enabled to false (tuning trains it end to end)"
         )
+    if "projected" in spec.head_target:
+        for wrapper in wrappers.values():
+            wrapper.projection()  # a site that cannot be matched after its projection fails before any capture
     folder.mkdir(parents=True, exist_ok=True)
     todo = {n: wrappers[n] for n in world.mine(list(wrappers)) if not _mixer_file(folder, n).is_file()}
     trained = _train_sites(todo, teacher, task, plan, spec, folder, seed, progress, log, world) if todo else {}

@@ -123,6 +123,11 @@ class ReplacedAttention(nn.Module):
         """What block-wise distillation compares with the target `target_in` reads: `mix` by default."""
         return self.mix(x, padding)
 
+    def projection(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """What carries `predict`'s output and its target into the site's output space, for a loss after the
+        output projection (`distill.head_target`). Unchanged by default: the target is the site's output."""
+        return lambda heads: heads
+
     def prunable_groups(self) -> list[PruneGroup]:
         """Groups of the kept parts (a hybrid's attention heads), slices named relative to this module;
         whole-model pruning ranks them beside the mixer's. None by default."""
