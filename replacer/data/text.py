@@ -89,10 +89,12 @@ def docstring_sentences(limit: int | None = None, seed: int = 0, passage_chars: 
     per_text = max(1, (passage_chars or 0) // SENTENCE_CHARS)
     wanted = None if limit is None else CANDIDATES_PER_TEXT * limit * per_text
     files: list[list[str]] = []
+    held = 0
     with _parallel_map() as mapper:
         for sentences in mapper(_file_prose, _python_files(_docstring_roots())):
             files.append(sentences)
-            if wanted is not None and sum(map(len, files)) >= wanted:
+            held += len(sentences)
+            if wanted is not None and held >= wanted:
                 break
     return _sample(
         files, limit, seed, "no prose docstrings found in the installed Python sources; use another text source", passage_chars
