@@ -116,12 +116,18 @@ class HFHybridAttention(HFReplacedAttention):
         order = torch.cat([self.kept_heads, replaced]).sort().values
         return kv_of_kept, torch.searchsorted(order, self.kept_heads), torch.searchsorted(order, replaced), len(order)
 
+    def _projection_in(self, layer: nn.Module) -> str | None:
+        """The name of the output projection `layer` (this hybrid or its teacher layer) holds as a linear layer;
+        None where it lives outside the layer (BERT's is a sibling module)."""
+        name = self._tail[0] if self._tail else None
+        return name if name is not None and isinstance(getattr(layer, name, None), nn.Linear) else None
+
     def prunable_groups(self) -> list[PruneGroup]:
         """One group per kept kv head: its key and value rows, the query rows of the kept heads that read it,
         and their columns of the output projection (absent when the projection lives outside the site, as in
         BERT, whose kept heads then stay)."""
-        out = self._tail[0] if self._tail else None
-        if out is None or not isinstance(getattr(self, out), nn.Linear):
+        out = self._projection_in(self)
+        if out is None:
             return []
         hd = self.site.head_dim
         kv_of_kept, kept_slots, _, _ = self._layout()
@@ -146,9 +152,9 @@ class HFHybridAttention(HFReplacedAttention):
         projection's input where the layer holds one, else the layer's own output, which is the heads'
         context when the projection lives outside it (BERT)."""
         columns = head_rows(self.replaced, self.site.head_dim)
-        projection = getattr(teacher_site, self._tail[0], None) if self._tail else None
-        if isinstance(projection, nn.Module):
-            return projection, lambda inputs, output: inputs[0][..., columns]
+        projection = self._projection_in(teacher_site)
+        if projection is not None:
+            return getattr(teacher_site, projection), lambda inputs, output: inputs[0][..., columns]
         return teacher_site, lambda inputs, output: self.read_output(output)[..., columns]
 
     def predict(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
@@ -158,14 +164,14 @@ class HFHybridAttention(HFReplacedAttention):
     def projection(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """The replaced heads' columns of the output projection, without its bias (which the kept heads share):
         their contribution to the layer's output. Refused where the projection lives outside the layer (BERT)."""
-        out = getattr(self, self._tail[0], None) if self._tail else None
-        if not isinstance(out, nn.Linear):
+        out = self._projection_in(self)
+        if out is None:
             raise ReplacerError(
                 f"site {self.site.name}: its output projection lives outside the layer, so its heads cannot be "
                 "matched after it; set distill.head_target to heads"
             )
         _, _, replaced_slots, _ = self._layout()
-        weight = out.weight.detach()[:, head_rows(replaced_slots.tolist(), self.site.head_dim)]
+        weight = getattr(self, out).weight.detach()[:, head_rows(replaced_slots.tolist(), self.site.head_dim)]
         return lambda heads: F.linear(heads, weight)
 
     def mix(self, x: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:

@@ -506,10 +506,11 @@ def passages(texts: Iterable[str], chars: int) -> Iterator[str]:
         yield " ".join(pending)
 
 
-def check_limit(limit: int | None) -> None:
-    """Refuse a `limit` that is not None or a positive count; shared by every data source."""
+def check_limit(limit: int | None, name: str = "limit") -> None:
+    """Refuse a `limit` (or another count called `name`) that is not None or a positive whole number;
+    shared by every data source."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise DataError(f"limit must be a positive whole number or None, not {limit!r}")
+        raise DataError(f"{name} must be a positive whole number or None, not {limit!r}")
 
 
 def _sample(
@@ -517,8 +518,7 @@ def _sample(
 ) -> list[str]:
     """Each document's texts (joined into passages when `passage_chars` is given), deduplicated, sorted,
     shuffled with `seed`, `limit` kept: the one ordering every source shares."""
-    if passage_chars is not None and (isinstance(passage_chars, bool) or not isinstance(passage_chars, int) or passage_chars < 1):
-        raise DataError(f"passage_chars must be a positive whole number or None, not {passage_chars!r}")
+    check_limit(passage_chars, "passage_chars")
     texts = (t for doc in documents for t in (doc if passage_chars is None else passages(doc, passage_chars)))
     unique = sorted(set(texts))
     if not unique:

@@ -23,8 +23,9 @@ def evaluate_saved(
     source: Path, evaluation: str, options: dict[str, Any], teacher: str | None = None, text: str | None = None,
     limit: int | None = None, max_length: int = 256,
 ) -> dict[str, dict[str, float]]:
-    """Figures by model from `evaluation`: "teacher" and "student" (a run's final student, or a saved model). `source` is a run directory (its recipe names the
-    teacher and the held-out text) or a saved student (then `teacher` and `text` are needed)."""
+    """Figures by model from `evaluation`: "teacher" and "student" (a run's final student, or a saved model).
+    `source` is a run directory (its recipe names the teacher and the held-out text) or a saved student
+    (then `teacher` and `text` are needed)."""
     found = SavedSource.open(source, teacher, "--teacher SOURCE and --text SOURCE (held-out text, e.g. fortunes)")
     if not found.is_run and text is None:
         raise ReplacerError(f"{source} is a saved model, not a run: give --text SOURCE (held-out text, e.g. fortunes)")
