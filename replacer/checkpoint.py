@@ -2,8 +2,9 @@
 
 The manifest names the base model's origin (enough to rebuild its architecture from its original
 definition), every replacement (plugin, version, options, sites) and, for pruned models, the shapes
-of the pruned tensors. Loading validates the manifest, rebuilds the base, replays the replacements,
-gives pruned tensors their shapes, then loads the weights strictly, so any mismatch is an error.
+of the pruned tensors and the token embeddings stored factorised. Loading validates the manifest,
+rebuilds the base, replays the replacements, factorises those embeddings, gives pruned tensors their
+shapes, then loads the weights strictly, so any mismatch is an error.
 
 A manifest is data: it never names code to run. Its origin is rebuilt only by a family an installed
 plugin describes (timm, transformers, ...); an origin that names a `module:callable` is refused
@@ -62,6 +63,7 @@ class Manifest(_Loose):
     origin: dict[str, Any] | None = None
     replacements: list[Replacement] = Field(min_length=1)
     shapes: dict[str, list[int]] | None = None
+    factorised: list[str] | None = None
     save_id: str | None = None
 
 
@@ -147,6 +149,7 @@ def load(path: str | os.PathLike, base: nn.Module | None = None, trust_remote_co
     replacements are applied to a copy. The model is returned in eval mode.
     """
     from replacer.pruning import apply_shapes
+    from replacer.pruning.embeddings import rebuild_factorised
     from replacer.replace import replace
 
     manifest = read_manifest(path)
@@ -167,6 +170,9 @@ def load(path: str | os.PathLike, base: nn.Module | None = None, trust_remote_co
             model, step["plugin"], sites=[s["name"] for s in step["sites"]], options=step.get("options") or {},
             inplace=k > 0 or base is None, heads=step.get("heads"),
         )
+    if manifest.get("factorised"):  # token embeddings as codes x basis (whole-model pruning), full rank until shaped
+        rebuild_factorised(model, manifest["factorised"])
+        model.replacer_record["factorised"] = manifest["factorised"]
     if manifest.get("shapes"):  # a pruned model: give its tensors their saved shapes before loading them
         apply_shapes(model, manifest["shapes"])
         model.replacer_record["shapes"] = manifest["shapes"]

@@ -283,7 +283,15 @@ class PruneSection(Strict):
     )
     normalise: bool = Field(
         True, description="scope model: divide each group's importance by the mean of its kind (mixer units, MLP "
-        "channels, kv heads) so kinds compete on one scale; false ranks raw scores",
+        "channels, kv heads, embedding components) so kinds compete on one scale; false ranks raw scores",
+    )
+    embeddings: bool = Field(
+        True, description="scope model: factorise the token embedding (codes x basis, an SVD with each token's row "
+        "weighted by how often the training data holds it) and rank its components with the rest; tied output "
+        "heads keep it whole",
+    )
+    frequency_batches: PositiveInt = Field(
+        100, description="training batches whose tokens are counted to weight the embedding's factorisation",
     )
     target: Literal["params", "latency"] = Field(
         "params", description="what budgets are fractions of: mixer parameters, or the tuned student's CPU latency "

@@ -76,3 +76,18 @@ def greedy_without_cache(model: torch.nn.Module, prompt: torch.Tensor, new_token
     for _ in range(new_tokens):
         full = torch.cat((full, model(full).logits[:, -1:].argmax(-1)), 1)
     return full
+
+
+def cut_zeroed_groups(model: torch.nn.Module, index, chosen: list[int], run) -> int:
+    """Zero the chosen groups of `index`, then remove them physically; asserts that removing zeroed groups
+    changes nothing `run(model)` returns, and returns how many parameters went."""
+    from replacer.pruning import model_parameters
+    from replacer.pruning.groups import shrink
+
+    params = model_parameters(model)
+    index.zero_(chosen)
+    with torch.no_grad():
+        before = run(model)
+        model.replacer_record.setdefault("shapes", {}).update(shrink(model, index, chosen))
+        torch.testing.assert_close(run(model), before, atol=1e-5, rtol=1e-5)
+    return params - model_parameters(model)

@@ -133,8 +133,10 @@ def test_teacher_training_needs_random_initial_weights(tmp_path):
      r"data.train\[0\].parts: wordnet has no part 'verbs' \(did you mean 'verb'\?\): choose from noun, verb, adj, adv"),
     ("data.train=[{kind: text, source: bible, parts: [Psalms]}]", r"data.train\[0\].parts: text source 'bible' has no parts"),
     ("data.eval=[{kind: text, source: 'prose:/nonexistent/*.txt'}]", r"data.eval\[0\].source prose:/nonexistent/\*.txt: no file matches"),
-    ("prune={enabled: true, scope: model, budgets: [0.95, 0.1]}",
+    ("prune={enabled: true, scope: model, embeddings: false, budgets: [0.95, 0.1]}",
      r"prune.budgets \[0.1\]: \d+% of the student's parameters sit outside every prunable group .* must be above 0\.\d\d"),
+    ("prune={enabled: true, scope: model, budgets: [0.95, 0.005]}",  # a factorised token embedding keeps one component
+     r"prune.budgets \[0.005\]: \d+% of the student's parameters sit outside every prunable group .* must be above 0\.0\d"),
 ])
 def test_validate_and_run_report_what_the_model_and_data_cannot_satisfy_before_any_work(tmp_path, override, message, monkeypatch):
     import replacer.run.runner

@@ -111,6 +111,24 @@ class HFAdapter(Adapter):
     def sparsify_attention(self, module: nn.Module, top_k: int) -> ContextManager[None]:
         return _top_k_attention(module, top_k)
 
+    def token_embedding(self, model: nn.Module) -> str:
+        """The table `get_input_embeddings()` returns, unless the output head shares its weight (a
+        factorisation would untie them and change the logits of every token)."""
+        getter = getattr(model, "get_input_embeddings", None)
+        try:
+            table = getter() if getter is not None else None
+        except NotImplementedError:
+            table = None
+        if table is None:
+            raise Unsupported(f"{type(model).__name__} names no input embeddings (get_input_embeddings)")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if head is not None and getattr(head, "weight", None) is getattr(table, "weight", False):
+            raise Unsupported("the token embedding is tied to the output head; a factorisation would untie them")
+        name = next((n for n, m in model.named_modules() if m is table), None)
+        if name is None:
+            raise Unsupported("get_input_embeddings() returns a module outside the model")
+        return name
+
 
 class HFReplacedAttention(ReplacedAttention):
     """Shared calling convention: `(hidden_states, ..., attention_mask, cache) -> (out, None)`.

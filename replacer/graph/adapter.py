@@ -72,6 +72,11 @@ class Adapter(abc.ABC):
         except NoFeedForward as why:
             raise Unsupported(str(why)) from None
 
+    def token_embedding(self, model: nn.Module) -> str:
+        """The name of `model`'s token embedding table (whole-model pruning factorises it and ranks its
+        components), or raise `Unsupported(reason)`. Families without a vocabulary have none."""
+        raise Unsupported(f"adapter '{self.name}' knows no token embedding")
+
 
 class ReplacedAttention(nn.Module):
     """Holds a mixer plus the parts of the original attention that are kept (its output projection).

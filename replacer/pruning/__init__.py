@@ -3,7 +3,8 @@ least important physically, and keep a record so `replacer.load` rebuilds the sm
 
     from replacer.pruning import prune
     result = prune(student, params=0.7)          # 70% of the mixers' parameters stay
-    result = prune(student, params=0.7, scope="model")  # 70% of the whole model's: MLP channels and kept heads too
+    result = prune(student, params=0.7, scope="model")  # 70% of the whole model's: MLP channels, kept heads and
+                                                        # token embedding components too
     result = prune(student, latency=0.8, measure=time_it)  # or: as many as run in 80% of the time
     replacer.save(student, "pruned")              # loads back with the pruned shapes
 """
@@ -20,6 +21,10 @@ from torch import nn
 from replacer.graph.adapter import site_wrappers
 from replacer.errors import ReplacerError
 from replacer.pruning.groups import GroupIndex, ParameterCount, Scope, apply_shapes, feed_forwards, shrink
+from replacer.pruning.embeddings import (
+    factorisable, factorise_token_embeddings, full_rank_overhead, merge_full,
+    token_use,
+)
 from replacer.pruning.importance import Importance, hoyer_square, magnitude, per_kind, taylor
 from replacer.pruning.latency import LatencyFit, Measure, fit_latency
 from replacer.pruning.ranking import choose
@@ -51,10 +56,14 @@ def _outside_groups(model: nn.Module, index: GroupIndex) -> int:
     return model_parameters(model) - ParameterCount(index).total
 
 
-def fixed_fraction(model: nn.Module) -> float:
-    """The share of `model`'s parameters that no prunable group holds (embeddings, norms, projections):
+def fixed_fraction(model: nn.Module, embeddings: bool = True) -> float:
+    """The share of `model`'s parameters that no prunable group holds (position embeddings, norms,
+    projections; token embeddings too unless `embeddings`, which factorises them when pruning):
     whole-model budgets must lie above it."""
-    return _outside_groups(model, GroupIndex.of(model, "model")) / model_parameters(model)
+    outside = _outside_groups(model, GroupIndex.of(model, "model"))
+    if embeddings:
+        outside -= sum(table.weight.numel() for table in factorisable(model).values())
+    return outside / model_parameters(model)
 
 
 def importance_scores(
@@ -73,12 +82,16 @@ def importance_scores(
     return per_kind(index, scores) if normalise else scores
 
 
-def index_target(model: nn.Module, index: GroupIndex, budget: float | int, scope: Scope) -> int:
-    """The parameter count `index`'s tensors must reach so that the model meets `budget`: a fraction in
-    (0, 1] or a count, of the mixers' parameters (`scope="mixers"`) or of the whole model's (`"model"`)."""
+def _check_budget(budget: float | int, scope: Scope) -> None:
     if isinstance(budget, float) and not 0 < budget <= 1:
         whose = "the whole model's" if scope == "model" else "the mixers'"
         raise ReplacerError(f"params={budget}: give a fraction in (0, 1] of {whose} parameters or a count")
+
+
+def index_target(model: nn.Module, index: GroupIndex, budget: float | int, scope: Scope) -> int:
+    """The parameter count `index`'s tensors must reach so that the model meets `budget`: a fraction in
+    (0, 1] or a count, of the mixers' parameters (`scope="mixers"`) or of the whole model's (`"model"`)."""
+    _check_budget(budget, scope)
     if scope == "mixers":
         return round(budget * mixer_parameters(model)) if isinstance(budget, float) else budget
     total = model_parameters(model)
@@ -87,7 +100,7 @@ def index_target(model: nn.Module, index: GroupIndex, budget: float | int, scope
     if target <= fixed:
         raise ReplacerError(
             f"cannot prune the model to {target:,} parameters: {fixed:,} ({fixed / total:.0%} of it) sit outside every "
-            "prunable group (embeddings, norms, projections), so ask for a budget above that"
+            "prunable group (norms, projections, embeddings not factorised), so ask for a budget above that"
         )
     return target - fixed
 
@@ -102,6 +115,8 @@ def prune(
     measure: Measure | None = None,
     scope: Scope = "mixers",
     normalise: bool = True,
+    embeddings: bool = True,
+    token_counts: dict[str, torch.Tensor] | None = None,
 ) -> PruneResult:
     """Shrink `model`'s mixers in place to `params` (a fraction (0, 1] of their current parameters, or a
     count) or to `latency` (a fraction (0, 1] of the model's current latency, as `measure` times it).
@@ -115,7 +130,9 @@ def prune(
     times within budget (`replacer.pruning.latency`); with `uniform` latency falls further.
     `scope="model"` also ranks every block's MLP hidden channels and the kept attention heads of
     head-level hybrids, and `params` is then a fraction (or count) of the whole model's parameters;
-    `normalise` makes the kinds' importances comparable (each divided by its kind's mean).
+    `normalise` makes the kinds' importances comparable (each divided by its kind's mean). With
+    `embeddings` the model's token embedding is factorised (`replacer.pruning.embeddings`) and its
+    components ranked too, each token's row weighted by `token_counts` (from `token_use`) where given.
     """
     if getattr(model, "replacer_record", None) is None:
         raise ReplacerError("prune works on models returned by replacer.replace (or replacer.load)")
@@ -123,6 +140,12 @@ def prune(
         raise ReplacerError("prune needs exactly one budget: params (fraction or count) or latency (fraction)")
     if scope not in ("mixers", "model"):
         raise ReplacerError(f"scope={scope!r}: choose mixers (their parameters only) or model (MLP channels and kept heads too)")
+    if params is not None:
+        _check_budget(params, scope)
+    if scope == "model" and embeddings:
+        if isinstance(params, float):  # of the model as it is, not of its full-rank factorisation
+            params = round(params * model_parameters(model))
+        factorise_token_embeddings(model, token_counts)
     index = GroupIndex.of(model, scope)
     scores = importance_scores(index, importance, losses, normalise)
     fit = None
@@ -141,10 +164,12 @@ def cut(
     model: nn.Module, index: GroupIndex, scores: torch.Tensor, params: int, uniform: bool = False, latency: LatencyFit | None = None
 ) -> PruneResult:
     """Remove the groups `scores` ranks lowest until `index`'s tensors hold at most `params` parameters
-    (what `prune` does once it has scores; callers that already scored the groups call it directly)."""
-    before, model_before = mixer_parameters(model), model_parameters(model)
+    (what `prune` does once it has scores; callers that already scored the groups call it directly).
+    A factorised token embedding that lost no component is merged back (at full rank it only costs)."""
+    before, model_before = mixer_parameters(model), model_parameters(model) - full_rank_overhead(model)
     remove = choose(index, scores, params, uniform)
     model.replacer_record.setdefault("shapes", {}).update(shrink(model, index, remove))
+    merge_full(model)
     return PruneResult(
         mixer_params_before=before,
         mixer_params_after=mixer_parameters(model),
@@ -159,5 +184,6 @@ def cut(
 
 __all__ = [
     "GroupIndex", "Importance", "LatencyFit", "Measure", "PruneResult", "Scope", "apply_shapes", "cut", "feed_forwards",
-    "fit_latency", "hoyer_square", "importance_scores", "index_target", "mixer_parameters", "model_parameters", "prune",
+    "factorise_token_embeddings", "fit_latency", "hoyer_square", "importance_scores", "index_target", "mixer_parameters",
+    "model_parameters", "prune", "token_use",
 ]

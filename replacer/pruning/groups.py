@@ -20,6 +20,7 @@ from replacer.graph.feed_forward import FeedForward
 from replacer.graph.scan import scan
 from replacer.errors import ReplacerError
 from replacer.mixer import Mixer, PruneGroup
+from replacer.pruning.embeddings import FactorisedEmbedding
 from replacer.plugins import get_registry
 
 Scope = Literal["mixers", "model"]
@@ -27,7 +28,8 @@ Scope = Literal["mixers", "model"]
 
 @dataclass(frozen=True)
 class Part:
-    """Groups that belong together: one site's mixer, one hybrid's kept heads, or one block's MLP."""
+    """Groups that belong together: one site's mixer, one hybrid's kept heads, one block's MLP, or one
+    factorised token embedding's components."""
 
     owner: str  # the site or block the groups belong to
     kind: str  # what they are (KINDS): their importances are compared after normalising per kind
@@ -36,7 +38,7 @@ class Part:
     tensors: dict[str, torch.Tensor]  # the part's parameters and buffers by name under `prefix`; parameters count
 
 
-KINDS = ("mixer", "attention heads", "feed-forward")
+KINDS = ("mixer", "attention heads", "feed-forward", "token embedding")
 
 
 @dataclass
@@ -151,8 +153,9 @@ def _named_part(owner: str, kind: str, prefix: str, module: nn.Module, groups: l
 
 
 def model_parts(model: nn.Module) -> list[Part]:
-    """Mixers, the kept heads of head-level hybrids, and the MLP of every block with attention (replaced
-    or not) that its adapter can find; a block whose MLP cannot be cut channel by channel is left whole."""
+    """Mixers, the kept heads of head-level hybrids, the MLP of every block with attention (replaced
+    or not) that its adapter can find, and the components of factorised token embeddings
+    (`replacer.pruning.embeddings`); a block whose MLP cannot be cut channel by channel is left whole."""
     parts = mixer_parts(model)
     for site, wrapper in site_wrappers(model).items():
         groups = wrapper.prunable_groups()
@@ -163,6 +166,9 @@ def model_parts(model: nn.Module) -> list[Part]:
         if isinstance(mlp, FeedForward) and mlp.block not in blocks:
             blocks.add(mlp.block)
             parts.append(_named_part(mlp.block, "feed-forward", f"{mlp.block}.", model.get_submodule(mlp.block), mlp.groups()))
+    for name, module in model.named_modules():
+        if isinstance(module, FactorisedEmbedding):
+            parts.append(_named_part(name, "token embedding", f"{name}.", module, module.prunable_groups()))
     return parts
 
 

@@ -113,6 +113,9 @@ def _teacher_attention(report: dict[str, Any]) -> list[str]:
     ]
 
 
+CUT_COLUMNS = ("mixer", "feed-forward", "attention heads", "token embedding")  # the pruning table's order of group kinds
+
+
 def _pruning(report: dict[str, Any]) -> list[str]:
     """The budgets table: every pruned student beside the tuned one it was cut from."""
     names = budget_family(list(report["fidelity"]))
@@ -125,7 +128,7 @@ def _pruning(report: dict[str, Any]) -> list[str]:
     by_latency = any("target_ms" in b for b in searched.values())
     whole = any(b.get("scope") == "model" for b in searched.values())
     header = ["model", "mixer params", "x tuned mixers", "params", "x teacher", headline]
-    header += ["groups cut (mixer / MLP / heads)"] if whole else []
+    header += ["groups cut (mixer / MLP / heads / embedding components)"] if whole else []
     header += [f"CPU ms (batch {size})", "x tuned", "x teacher"] if size else []
     header += ["pruning: target ms", "pruning: timed ms"] if by_latency else []
     teacher = ["teacher", "", "", params["teacher"], 1.0, report["fidelity"][names[0]].get(f"teacher_{headline.removeprefix('student_')}", "")]
@@ -138,7 +141,7 @@ def _pruning(report: dict[str, Any]) -> list[str]:
                report["fidelity"][name][headline]]
         if whole:
             kinds = searched.get(name, {}).get("removed_by_kind", {})
-            row.append(" / ".join(str(kinds.get(k, 0)) for k in ("mixer", "feed-forward", "attention heads")) if kinds else "")
+            row.append(" / ".join(str(kinds.get(k, 0)) for k in CUT_COLUMNS) if kinds else "")
         if size:
             ms = latency[size]
             row += [ms[name], ms[name] / ms[STUDENT], ms[name] / ms["teacher"]]
@@ -149,7 +152,8 @@ def _pruning(report: dict[str, Any]) -> list[str]:
     what = (
         f"the tuned student's CPU latency (the most {cut} whose pruned copy, timed while pruning, ran within "
         "it; evaluation times every model again)" if by_latency else
-        "the tuned student's parameters (mixer units, MLP hidden channels and hybrids' kept heads in one ranking)"
+        "the tuned student's parameters (mixer units, MLP hidden channels, hybrids' kept heads and the components of "
+        "the factorised token embedding in one ranking)"
         if whole else "the tuned mixers' parameters"
     )
     return [

@@ -175,12 +175,12 @@ def check_model_budgets(recipe: Recipe, teacher: nn.Module, found: ScanResult) -
         return
     selection = choose_sites(recipe, found.sites, None)
     student = replace(teacher, recipe.mixer.plugin, sites=selection.sites, options=recipe.mixer.options, heads=selection.heads)
-    floor = fixed_fraction(student)
+    floor = fixed_fraction(student, embeddings=spec.embeddings)
     low = [b for b in spec.budgets if b <= floor]
     if low:
         raise ReplacerError(
             f"prune.budgets {low}: {floor:.0%} of the student's parameters sit outside every prunable group "
-            f"(embeddings, norms, projections), so whole-model budgets must be above {floor:.2f}"
+            f"(norms, projections, embeddings left whole), so whole-model budgets must be above {floor:.2f}"
         )
 
 

@@ -21,7 +21,10 @@ from replacer.checkpoint import load, save
 from replacer.distill.end_to_end import student_loss, tune_end_to_end
 from replacer.train.distributed import SINGLE, World
 from replacer.errors import ReplacerError
-from replacer.pruning import GroupIndex, cut, hoyer_square, importance_scores, index_target, mixer_parameters, model_parameters
+from replacer.pruning import (
+    GroupIndex, cut, factorise_token_embeddings, hoyer_square, importance_scores, index_target, mixer_parameters, model_parameters,
+    token_use,
+)
 from replacer.pruning.latency import Measure, fit_latency
 from replacer.recipe import PruneSection, TuneSection
 from replacer.run.layout import HOYER, budget_name
@@ -52,8 +55,15 @@ def prune_budgets(
     tuned_params = mixer_parameters(student)
     tuned_total = model_parameters(student)
     tuned_ms = measure(student) if spec.target == "latency" and world.is_main else None
+    counts = None
+    if spec.scope == "model" and spec.embeddings:
+        batches = range(min(len(plan), spec.frequency_batches))
+        # whole batches on every rank: each must factorise alike
+        counts = token_use(teacher, [lambda k=k: task.run(teacher, plan.batch(k)) for k in batches])
+    factorise = (lambda model: factorise_token_embeddings(model, counts)) if counts is not None else (lambda model: None)
     if spec.importance == "hoyer":
-        student = _hoyer_regularised(student, teacher, base, task, plan, spec, recovery, folder, students, progress, log, world)
+        student = _hoyer_regularised(student, teacher, base, task, plan, spec, recovery, folder, students, progress, log, world,
+                                     factorise)
     results = {}
     for budget in sorted(spec.budgets, reverse=True):
         name = budget_name(budget)
@@ -67,6 +77,7 @@ def prune_budgets(
         losses = None
         if spec.importance == "taylor":
             losses = [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(spec.taylor_batches)]
+        factorise(student)
         index = GroupIndex.of(student, spec.scope)
         scores = importance_scores(index, spec.importance, losses, spec.normalise)
         timing = {}
@@ -116,11 +127,14 @@ def _fit_on_main(
 def _hoyer_regularised(
     student: nn.Module, teacher: nn.Module, base: nn.Module, task: Task, plan: BatchPlan, spec: PruneSection, recovery: TuneSection,
     folder: Path, students: Path, progress: "Progress", log: Callable[[dict], None], world: World,
+    factorise: Callable[[nn.Module], object],
 ) -> nn.Module:
-    """The tuned student trained on with FAR's Hoyer-square group penalty, so group norms separate."""
+    """The tuned student trained on with FAR's Hoyer-square group penalty, so group norms separate
+    (factorised first where embeddings are pruned, so their components separate too)."""
     saved = students / HOYER
     if (saved / "manifest.json").is_file():
         return load(saved, base=base)
+    factorise(student)
     index = GroupIndex.of(student, spec.scope)
     state = folder / "hoyer.state"
     steps = recovery.model_copy(update={"steps": spec.hoyer_steps})
