@@ -52,8 +52,7 @@ def merge_lora(model: nn.Module) -> int:
     adapted = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     for name, layer in adapted:
         layer.merge()
-        owner, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(owner) if owner else model, attr, layer.get_base_layer())
+        model.set_submodule(name, layer.get_base_layer())
     return len(adapted)
 
 

@@ -129,3 +129,13 @@ def scan(model: nn.Module, adapters: list[Adapter] | None = None) -> ScanResult:
             "nothing to replace (pass a transformer, or install an adapter plugin for this family)"
         )
     return result
+
+
+def installed_adapter(name: str) -> Adapter:
+    """The installed adapter a site names (`Site.adapter`), or `Unsupported` saying it is not installed."""
+    from replacer.plugins import get_registry
+
+    found = next((a for a in get_registry().adapters if a.name == name), None)
+    if found is None:
+        raise Unsupported(f"adapter '{name}' is not installed")
+    return found

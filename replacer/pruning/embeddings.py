@@ -23,9 +23,8 @@ from torch import nn
 
 from replacer.errors import CheckpointError
 from replacer.graph.adapter import Unsupported
-from replacer.graph.scan import scan
+from replacer.graph.scan import installed_adapter, scan
 from replacer.mixer import PruneGroup
-from replacer.plugins import get_registry
 
 FAMILY = "components"
 
@@ -85,13 +84,10 @@ def token_embeddings(model: nn.Module) -> dict[str, nn.Embedding | FactorisedEmb
     """The token embedding each adapter of `model`'s sites finds, by module name, or why there is none
     (keyed by the adapter's name)."""
     found = scan(model)
-    adapters = {a.name: a for a in get_registry().adapters}
     result: dict[str, nn.Embedding | FactorisedEmbedding | str] = {}
     for name in dict.fromkeys(s.adapter for s in (*found.sites, *found.replaced)):
         try:
-            if name not in adapters:
-                raise Unsupported(f"adapter '{name}' is not installed")
-            where = adapters[name].token_embedding(model)
+            where = installed_adapter(name).token_embedding(model)
             module = model.get_submodule(where)
             if not isinstance(module, (nn.Embedding, FactorisedEmbedding)):
                 raise Unsupported(f"{where} is a {type(module).__name__}, not an embedding table")
@@ -111,17 +107,13 @@ def factorisable(model: nn.Module) -> dict[str, nn.Embedding]:
     }
 
 
-def minimum_parameters(embedding: nn.Embedding) -> int:
-    """What a factorisation of `embedding` keeps at the least: one component."""
-    return embedding.num_embeddings + embedding.embedding_dim
-
-
 @torch.no_grad()
 def token_use(model: nn.Module, runs: Iterable[Callable[[], object]]) -> dict[str, torch.Tensor]:
     """How often each row of each factorisable token embedding of `model` is looked up while `runs` run
     (callables that run the model on a batch, padding included), by module name."""
     tables = factorisable(model)
     counts = {name: torch.zeros(m.num_embeddings, dtype=torch.float64) for name, m in tables.items()}
+
     def counter(name: str) -> Callable[[nn.Module, tuple], None]:
         def count(_module: nn.Module, args: tuple) -> None:
             ids = args[0].reshape(-1).cpu()
@@ -163,7 +155,7 @@ def factorise_token_embeddings(model: nn.Module, counts: dict[str, torch.Tensor]
     returns the names factorised. `counts` (from `token_use`) weight the rows by how often tokens occur."""
     names = []
     for name, embedding in factorisable(model).items():
-        _set_module(model, name, factorise(embedding, None if counts is None else counts.get(name)))
+        model.set_submodule(name, factorise(embedding, None if counts is None else counts.get(name)))
         names.append(name)
     _record(model)
     return names
@@ -179,7 +171,7 @@ def merge_full(model: nn.Module) -> None:
             merged.weight.copy_(module.weight)
             merged.weight.requires_grad_(module.codes.requires_grad)
             merged.train(module.training)
-            _set_module(model, name, merged)
+            model.set_submodule(name, merged)
     _record(model)
 
 
@@ -212,9 +204,4 @@ def rebuild_factorised(model: nn.Module, names: list[str]) -> None:
             raise CheckpointError(f"the checkpoint factorises {name}, which the rebuilt model does not have") from None
         if not isinstance(module, nn.Embedding):
             raise CheckpointError(f"the checkpoint factorises {name}, which in the rebuilt model is a {type(module).__name__}")
-        _set_module(model, name, FactorisedEmbedding.empty(module))
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    owner, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(owner), attr, module)
+        model.set_submodule(name, FactorisedEmbedding.empty(module))

@@ -17,11 +17,10 @@ from torch import nn
 
 from replacer.graph.adapter import Unsupported, site_wrappers
 from replacer.graph.feed_forward import FeedForward
-from replacer.graph.scan import scan
+from replacer.graph.scan import installed_adapter, scan
 from replacer.errors import ReplacerError
 from replacer.mixer import Mixer, PruneGroup
 from replacer.pruning.embeddings import FactorisedEmbedding
-from replacer.plugins import get_registry
 
 Scope = Literal["mixers", "model"]
 
@@ -175,16 +174,12 @@ def model_parts(model: nn.Module) -> list[Part]:
 def feed_forwards(model: nn.Module) -> dict[str, FeedForward | str]:
     """Per attention site (in layer order), the MLP its adapter finds in the site's block, or why there is none."""
     found = scan(model)
-    adapters = {a.name: a for a in get_registry().adapters}
     sites = sorted((*found.sites, *found.replaced), key=lambda s: s.layer_index)
     names, unsupported = {s.name for s in sites}, {u.name for u in found.unsupported}
     result: dict[str, FeedForward | str] = {}
     for site in sites:
-        adapter = adapters.get(site.adapter)
         try:
-            if adapter is None:
-                raise Unsupported(f"adapter '{site.adapter}' is not installed")
-            result[site.name] = adapter.feed_forward(model, site, names, unsupported)
+            result[site.name] = installed_adapter(site.adapter).feed_forward(model, site, names, unsupported)
         except Unsupported as why:
             result[site.name] = str(why)
     return result
