@@ -281,10 +281,13 @@ class PruneSection(Strict):
         "mixers", description="what is cut and what parameter budgets are fractions of: the mixers alone, or the whole "
         "model (also every block's MLP hidden channels and the kept heads of head-level hybrids, in one ranking)",
     )
-    normalise: bool = Field(
-        True, description="scope model: divide each group's importance by the mean of its kind (mixer units, MLP "
-        "channels, kv heads, embedding components) so kinds compete on one scale; false ranks raw scores",
+    balance: Literal["measured", "mean", "none"] = Field(
+        "measured", description="scope model: how kinds (mixer units, MLP channels, kv heads, embedding components) "
+        "compete in one ranking: measured zeroes each kind's least important groups at eight depths and ranks every "
+        "group by the loss per parameter its kind's cut costs on balance_batches batches; mean divides each group's "
+        "importance by its kind's mean (sizes ignored); none ranks raw scores",
     )
+    balance_batches: PositiveInt = Field(4, description="training batches whose loss the measured balance averages")
     embeddings: bool = Field(
         True, description="scope model: factorise the token embedding (codes x basis, an SVD with each token's row "
         "weighted by how often the training data holds it) and rank its components with the rest; tied output "

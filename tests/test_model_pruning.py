@@ -104,7 +104,7 @@ def test_one_ranking_mixes_kinds_and_meets_a_whole_model_budget():
 def test_raw_scores_let_one_kind_take_the_whole_cut():
     """On raw weight norms, kinds initialised on different scales do not compete: here every cut group is an
     MLP channel. Normalised per kind, both kinds lose groups: why normalising is the default."""
-    raw = prune(student("deit"), params=0.8, scope="model", normalise=False)
+    raw = prune(student("deit"), params=0.8, scope="model", balance="none")
     normalised = prune(student("deit"), params=0.8, scope="model")
     assert list(raw.removed_by_kind) == ["feed-forward"]
     assert normalised.removed_by_kind["feed-forward"] > 0 and normalised.removed_by_kind["mixer"] > 0

@@ -25,7 +25,8 @@ from replacer.pruning.embeddings import (
     factorisable, factorise_token_embeddings, full_rank_overhead, merge_full,
     token_use,
 )
-from replacer.pruning.importance import Importance, hoyer_square, magnitude, per_kind, taylor
+from replacer.pruning.balance import Balance, balanced
+from replacer.pruning.importance import Importance, hoyer_square, magnitude, taylor
 from replacer.pruning.latency import LatencyFit, Measure, fit_latency
 from replacer.pruning.ranking import choose
 
@@ -67,10 +68,13 @@ def fixed_fraction(model: nn.Module, embeddings: bool = True) -> float:
 
 
 def importance_scores(
-    index: GroupIndex, importance: Importance, losses: Iterable[Callable[[], torch.Tensor]] | None, normalise: bool = True
+    index: GroupIndex, importance: Importance, losses: Iterable[Callable[[], torch.Tensor]] | None, balance: Balance = "mean",
+    balance_losses: Iterable[Callable[[], torch.Tensor]] | None = None,
 ) -> torch.Tensor:
-    """One score per group of `index` (lower goes first); with `normalise`, comparable across part kinds
-    (`replacer.pruning.importance.per_kind`)."""
+    """One score per group of `index` (lower goes first), made comparable across part kinds as `balance` says
+    (`replacer.pruning.balance`). `losses` feed the taylor importance and, unless `balance_losses` are
+    given, the measured balance."""
+    losses = None if losses is None else list(losses)
     if importance == "taylor":
         if losses is None:
             raise ReplacerError("importance='taylor' needs losses: callables that return a loss on a batch")
@@ -79,7 +83,7 @@ def importance_scores(
         scores = magnitude(index)
     else:
         raise ReplacerError(f"unknown importance {importance!r}; choose magnitude, taylor or hoyer")
-    return per_kind(index, scores) if normalise else scores
+    return balanced(index, scores, balance, losses if balance_losses is None else balance_losses)
 
 
 def _check_budget(budget: float | int, scope: Scope) -> None:
@@ -114,7 +118,7 @@ def prune(
     latency: float | None = None,
     measure: Measure | None = None,
     scope: Scope = "mixers",
-    normalise: bool = True,
+    balance: Balance = "mean",
     embeddings: bool = True,
     token_counts: dict[str, torch.Tensor] | None = None,
 ) -> PruneResult:
@@ -130,7 +134,9 @@ def prune(
     times within budget (`replacer.pruning.latency`); with `uniform` latency falls further.
     `scope="model"` also ranks every block's MLP hidden channels and the kept attention heads of
     head-level hybrids, and `params` is then a fraction (or count) of the whole model's parameters;
-    `normalise` makes the kinds' importances comparable (each divided by its kind's mean). With
+    `balance` makes the kinds' importances comparable: `mean` divides each by its kind's mean, `measured`
+    ranks groups by the loss per parameter their kind's cut costs, measured on `losses`
+    (`replacer.pruning.balance`), `none` compares raw scores. With
     `embeddings` the model's token embedding is factorised (`replacer.pruning.embeddings`) and its
     components ranked too, each token's row weighted by `token_counts` (from `token_use`) where given.
     """
@@ -147,7 +153,7 @@ def prune(
             params = round(params * model_parameters(model))
         factorise_token_embeddings(model, token_counts)
     index = GroupIndex.of(model, scope)
-    scores = importance_scores(index, importance, losses, normalise)
+    scores = importance_scores(index, importance, losses, balance)
     fit = None
     if latency is not None:
         if not 0 < latency <= 1 or measure is None:
@@ -183,7 +189,7 @@ def cut(
 
 
 __all__ = [
-    "GroupIndex", "Importance", "LatencyFit", "Measure", "PruneResult", "Scope", "apply_shapes", "cut", "feed_forwards",
+    "Balance", "GroupIndex", "Importance", "LatencyFit", "Measure", "PruneResult", "Scope", "apply_shapes", "cut", "feed_forwards",
     "factorise_token_embeddings", "fit_latency", "hoyer_square", "importance_scores", "index_target", "mixer_parameters",
     "model_parameters", "prune", "token_use",
 ]

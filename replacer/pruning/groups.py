@@ -127,6 +127,11 @@ class GroupIndex:
         """L2 norm of each group's weights (differentiable, for the Hoyer penalty)."""
         return (self.group_sums({n: p.pow(2) for n, p in self.params.items()}) + 1e-12).sqrt()
 
+    def group_kinds(self) -> list[tuple[str, str]]:
+        """Per group, what it competes as: its part's kind and its own within it (an LSTM's units or input
+        channels, MLP channels, kv heads, embedding components)."""
+        return [(part, group.kind) for part, group in zip(self.kinds, self.groups)]
+
     def site_ids(self) -> torch.Tensor:
         """An integer per group: which part (owner and kind) it belongs to."""
         owners = list(zip(self.sites, self.kinds))

@@ -51,7 +51,7 @@ def per_kind(index: GroupIndex, scores: torch.Tensor) -> torch.Tensor:
     """
     if len(set(index.kinds)) < 2:
         return scores
-    of_group = [(part, group.kind) for part, group in zip(index.kinds, index.groups)]
+    of_group = index.group_kinds()
     kinds = sorted(set(of_group))
     normalised = scores.clone()
     for kind in kinds:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter, defaultdict
+from typing import Iterable, Iterator
 
 import torch
 
@@ -25,20 +26,25 @@ def choose(
     if uniform:
         return _choose_in_lockstep(index, scores, target_params, strict)
     count = ParameterCount(index)
-    family = [(site, group.family) for site, group in zip(index.sites, index.groups)]
-    members = Counter(family)
     remove: list[int] = []
-    for gid in torch.argsort(scores.detach().cpu(), stable=True).tolist():
+    for gid in removable(index, torch.argsort(scores.detach().cpu(), stable=True).tolist()):
         if count.total <= target_params:
             break
-        if members[family[gid]] == 1:
-            continue
-        members[family[gid]] -= 1
         count.remove(gid)
         remove.append(gid)
     if strict:
         _check_reached(count, target_params)
     return remove
+
+
+def removable(index: GroupIndex, order: Iterable[int]) -> Iterator[int]:
+    """The groups of `order` that may go, in that order: the last member of each family stays."""
+    family = [(site, group.family) for site, group in zip(index.sites, index.groups)]
+    members = Counter(family)
+    for gid in order:
+        if members[family[gid]] > 1:
+            members[family[gid]] -= 1
+            yield gid
 
 
 def _choose_in_lockstep(index: GroupIndex, scores: torch.Tensor, target_params: int, strict: bool) -> list[int]:

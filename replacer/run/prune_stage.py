@@ -74,12 +74,12 @@ def prune_budgets(
                              "mixer_params_tuned": tuned_params, "params": model_parameters(student), "params_tuned": tuned_total}
             continue
         start = time.time()
-        losses = None
-        if spec.importance == "taylor":
-            losses = [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(spec.taylor_batches)]
         factorise(student)
+        student.eval()  # deterministic losses for the taylor importance and the measured balance
         index = GroupIndex.of(student, spec.scope)
-        scores = importance_scores(index, spec.importance, losses, spec.normalise)
+        batches = spec.taylor_batches if spec.importance == "taylor" else 0
+        scores = importance_scores(index, spec.importance, _losses(student, teacher, task, plan, recovery, batches), spec.balance,
+                                   _losses(student, teacher, task, plan, recovery, spec.balance_batches))
         timing = {}
         if spec.target == "latency":
             timing = _fit_on_main(student, index, scores, spec, budget * tuned_ms if world.is_main else 0.0, measure, world)
@@ -104,6 +104,13 @@ def prune_budgets(
             "removed_by_kind": result.removed_by_kind, "seconds": round(time.time() - start, 1), **timing,
         }
     return results
+
+
+def _losses(
+    student: nn.Module, teacher: nn.Module, task: Task, plan: BatchPlan, recovery: TuneSection, batches: int
+) -> list[Callable[[], torch.Tensor]]:
+    """The student's distillation loss on each of the first `batches` training batches, as callables."""
+    return [lambda k=k: student_loss(student, teacher, task, plan.batch(k), recovery) for k in range(min(batches, len(plan)))]
 
 
 def _fit_on_main(
