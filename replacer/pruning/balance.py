@@ -64,25 +64,24 @@ def measured_order(
     order = torch.argsort(scores.detach().cpu(), stable=True).tolist()
     cost = [math.inf] * len(index)
     saved = {name: p.detach().clone() for name, p in index.params.items()}
-    try:
-        base = _mean(losses)
-        for kind in sorted(set(kinds)):
-            sequence = list(removable(index, (g for g in order if kinds[g] == kind)))
-            if not sequence:
-                continue
-            freed = _freed(index, sequence)
-            points, done = [(0, 0.0)], 0
+    base = _mean(losses)
+    for kind in sorted(set(kinds)):
+        sequence = list(removable(index, (g for g in order if kinds[g] == kind)))
+        if not sequence:
+            continue
+        freed = _freed(index, sequence)
+        points, done = [(0, 0.0)], 0
+        try:
             for depth in depths:
                 upto = max(bisect_right(freed, depth * freed[-1]), 1)
                 if upto > done:
                     index.zero_(sequence[done:upto])
                     done = upto
                     points.append((freed[upto - 1], _mean(losses) - base))
+        finally:
             _restore(index, saved)
-            for gid, slope in zip(sequence, _segment_slopes(points, freed)):
-                cost[gid] = slope
-    finally:
-        _restore(index, saved)
+        for gid, slope in zip(sequence, _segment_slopes(points, freed)):
+            cost[gid] = slope
     tiebreak = per_kind(index, scores).detach().cpu().tolist()
     ranked = sorted(range(len(index)), key=lambda g: (cost[g], tiebreak[g]))
     rank = torch.empty(len(index), dtype=torch.float64)

@@ -77,8 +77,8 @@ def prune_budgets(
         factorise(student)
         student.eval()  # deterministic losses for the taylor importance and the measured balance
         index = GroupIndex.of(student, spec.scope)
-        batches = spec.taylor_batches if spec.importance == "taylor" else 0
-        scores = importance_scores(index, spec.importance, _losses(student, teacher, task, plan, recovery, batches), spec.balance,
+        taylor = _losses(student, teacher, task, plan, recovery, spec.taylor_batches) if spec.importance == "taylor" else None
+        scores = importance_scores(index, spec.importance, taylor, spec.balance,
                                    _losses(student, teacher, task, plan, recovery, spec.balance_batches))
         timing = {}
         if spec.target == "latency":
