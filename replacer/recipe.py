@@ -153,9 +153,10 @@ class MixerChoice(Strict):
 
 
 class SitePolicy(Strict):
-    policy: Literal["sparsest", "densest", "random", "recent-heads", "random-heads"] = Field(
+    policy: Literal["sparsest", "densest", "random", "recent-heads", "sparse-heads", "random-heads"] = Field(
         description="replace the layers whose teacher attention is sparsest (lowest entropy), densest, or random "
-        "ones; or single heads (head-level hybrids): those with the highest recency ratio (RecurFormer), or random ones"
+        "ones; or single heads (head-level hybrids): those with the highest recency ratio (RecurFormer), the lowest "
+        "attention entropy, or random ones"
     )
     layers: PositiveInt | None = Field(None, description="layer policies: how many layers to replace")
     fraction: float | None = Field(
@@ -181,9 +182,9 @@ class SitePolicy(Strict):
 
     @model_validator(mode="after")
     def _one_budget(self) -> "SitePolicy":
-        if self.policy == "random-heads":
+        if self.policy in ("random-heads", "sparse-heads"):
             if self.layers is not None or self.threshold is not None or self.fraction is None:
-                raise ValueError("random-heads takes fraction (of all heads)")
+                raise ValueError(f"{self.policy} takes fraction (of all heads)")
         elif self.policy == "recent-heads":
             if self.layers is not None or (self.threshold is None) == (self.fraction is None):
                 raise ValueError("recent-heads takes exactly one of threshold (a recency ratio) or fraction (of all heads)")
@@ -267,6 +268,10 @@ class TuneSection(Strict):
     )
     task_weight: float = Field(1.0, ge=0, description="weight of the task loss where data has labels")
     temperature: float = Field(1.0, gt=0, description="logit distillation temperature")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp gives every process the whole student; fsdp shards its weights, "
+        "gradients and Adam moments across the processes (PyTorch fully_shard), each layer gathered only while it runs"
+    )
     checkpoint_every: PositiveInt = Field(50, description="steps between resumable checkpoints")
 
 
@@ -377,25 +382,35 @@ class Recipe(Strict):
             )
         return self
 
+    @model_validator(mode="after")
+    def _sharded_tuning_takes_no_weight_penalty(self) -> "Recipe":
+        if self.tune.parallel == "fsdp" and self.prune.enabled and self.prune.importance == "hoyer":
+            raise ValueError("prune.importance hoyer adds a penalty on the whole student's weights, which "
+                             "tune.parallel fsdp shards: use tune.parallel ddp, or another importance")
+        return self
+
     @property
     def directory(self) -> Path:
         return self.run_dir or Path("runs") / self.name
 
     def fingerprint(self) -> str:
-        """What makes two runs the same run: every setting up to tuning (the run dir and `LATER` excluded).
+        """What makes two runs the same run: every setting up to distillation (the run dir and `LATER` excluded;
+        with `sparsify` on the tune section is kept in, as the sparse teacher recovers with its losses).
 
         Settings left at their defaults are left out, so a newer replacer that adds a field (with a
         default) still resumes runs made before it.
         """
-        return _digest(self.model_dump(mode="json", exclude={"run_dir", *LATER}, exclude_defaults=True))
+        later = [s for s in LATER if not (s == "tune" and self.sparsify.enabled)]
+        return _digest(self.model_dump(mode="json", exclude={"run_dir", *later}, exclude_defaults=True))
 
     def section_fingerprints(self) -> dict[str, str]:
         """The sections of stages that may change on a finished run: each reruns its stage and the ones after."""
         return {section: _digest(getattr(self, section).model_dump(mode="json", exclude_defaults=True)) for section in LATER}
 
 
-LATER = ("prune", "evaluate", "export")
-"""Recipe sections (and stages, in order) that a finished run redoes when they change, instead of refusing."""
+LATER = ("tune", "prune", "evaluate", "export")
+"""Recipe sections (and stages, in order) that a finished run redoes when they change, instead of refusing:
+a new tuning starts again from the distilled student, so trying tuning settings costs no distillation."""
 
 
 def _digest(data: Any) -> str:

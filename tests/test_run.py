@@ -86,6 +86,39 @@ def test_changed_recipe_needs_restart(tmp_path):
     run_recipe(load_recipe(path, ["distill.steps=3"]), restart=True)
 
 
+def test_changed_tune_section_retunes_from_the_distilled_student(tmp_path):
+    from replacer.checkpoint import load
+
+    path = tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=2)
+    first = run_recipe(load_recipe(path))
+    run = tmp_path / "run"
+    stale = run / "tune" / "state.safetensors"  # a checkpoint left by an interrupted tuning under the old settings
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"not a checkpoint")
+    second = run_recipe(load_recipe(path, ["tune.steps=3"]))
+    assert second["stages"]["distill"] == first["stages"]["distill"]  # distillation kept, not redone
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tuned = [r["step"] for r in rows if r.get("stage") == "tune" and "loss" in r]
+    assert tuned == [1, 2, 1, 2, 3]  # the second tuning started at step 1 from the distilled student
+    assert not stale.exists()
+    distilled = dict(load(run / "students" / "distilled", trust_remote_code=True).named_parameters())
+    retrained = dict(load(run / "students" / "tuned", trust_remote_code=True).named_parameters())
+    assert any(not torch.equal(p, distilled[name]) for name, p in retrained.items())
+
+    untuned = run_recipe(load_recipe(path, ["tune.enabled=false"]))  # no tuned student is left to be read
+    assert "tune" not in untuned["stages"] and not (run / "students" / "tuned").exists()
+
+
+def test_changed_tune_section_is_refused_when_the_sparse_teacher_recovered_with_it(tmp_path):
+    from replacer.recipe import RecipeError
+
+    path = tiny_text_recipe(tmp_path, distill_steps=2, tune_steps=1)
+    sparse = ["sparsify.enabled=true", "sparsify.recovery_steps=1", "sparsify.top_k=4"]
+    run_recipe(load_recipe(path, sparse))
+    with pytest.raises(RecipeError, match="different recipe"):
+        run_recipe(load_recipe(path, [*sparse, "tune.temperature=2"]))
+
+
 def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     path = tiny_text_recipe(tmp_path, distill_steps=40, tune_steps=4, checkpoint_every=10)
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -87,6 +87,11 @@ class RunLayout:
         """What the prune stage writes: redone whole when its section changes."""
         return [self.prune, *self.students.glob(f"{PRUNED_PREFIX}*"), self.students / HOYER]
 
+    def outputs_of(self, stage: str) -> list[Path]:
+        """What a stage that a changed section redoes leaves behind and must not be found again: the old tuned
+        student (or a tuning checkpoint made under other settings), the old budgets' students."""
+        return {"tune": [self.tune_state.parent, self.tuned], "prune": self.pruning_outputs()}.get(stage, [])
+
     @property
     def model(self) -> Path:
         """The final student in replacer's own format (what `replacer.load` reads)."""
@@ -277,9 +282,9 @@ class RunDir:
         if changed:
             for stage in LATER[LATER.index(changed[0]):]:
                 self.state["stages"].pop(stage, None)
-            if changed[0] == "prune" and self.world.is_main:
-                for old in self.layout.pruning_outputs():
-                    shutil.rmtree(old, ignore_errors=True)
+                if self.world.is_main:
+                    for old in self.layout.outputs_of(stage):
+                        shutil.rmtree(old, ignore_errors=True)
         self.state["sections"] = sections
 
     def _save(self) -> None:

@@ -5,8 +5,8 @@ policy ranks layers by the teacher's attention) -> sparsify (when enabled: the s
 top-k-attention teacher) -> distill (block-wise) -> tune (end-to-end)
 -> prune (when enabled) -> evaluate -> export. Each finished stage is recorded in `state.json`
 with its output on disk, so running the same command again after a crash or Ctrl-C skips finished
-stages and resumes the interrupted one from its last checkpoint. Changing the prune, evaluate or
-export section of a finished run redoes that stage and the ones after it; any other change is refused.
+stages and resumes the interrupted one from its last checkpoint. Changing the tune, prune, evaluate
+or export section of a finished run redoes that stage and the ones after it; any other change is refused.
 """
 
 from __future__ import annotations
