@@ -154,6 +154,14 @@ def test_site_policies_select_what_they_claim():
     assert choose(SitePolicy(policy="recent-heads", fraction=0.25), recent).heads == {sites[0].name: [0], sites[1].name: [1]}
     with pytest.raises(replacer.ReplacerError, match="lower sites.threshold"):
         choose(SitePolicy(policy="recent-heads", threshold=0.95), recent)
+    entropic = {name: {**entry, "heads": {"entropy": [1 - r for r in entry["heads"]["recency"]][::-1]}}
+                for name, entry in recent.items()}  # per-head entropies 0.8 0.3 0.9 0.1 | 0.9 0.9 0.2 0.7
+    assert choose(SitePolicy(policy="sparse-heads", fraction=0.375), entropic).heads == {
+        sites[0].name: [1, 3], sites[1].name: [2]}  # the three lowest entropies, wherever they are
+    assert choose(SitePolicy(policy="sparse-heads", fraction=0.5, kv_groups=True), entropic).heads == {
+        sites[0].name: [2, 3], sites[1].name: [2, 3]}  # group means 0.55 / 0.5 and 0.9 / 0.45
+    with pytest.raises(ValueError, match="sparse-heads takes fraction"):
+        SitePolicy(policy="sparse-heads", threshold=0.5)
     drawn = choose(SitePolicy(policy="random-heads", fraction=0.5, seed=1), None).heads
     assert sum(len(h) for h in drawn.values()) == 4
     assert drawn == choose(SitePolicy(policy="random-heads", fraction=0.5, seed=1), None).heads

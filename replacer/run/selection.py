@@ -25,7 +25,7 @@ class Selection:
 
 def choose_sites(recipe: Recipe, sites: list[Site], statistics: dict | None) -> Selection:
     """The recipe's choice. Layer policies rank layers by mean attention entropy over heads; head
-    policies take single heads by their recency ratio (RecurFormer), or at random."""
+    policies take single heads by their recency ratio (RecurFormer) or entropy, or at random."""
     policy = recipe.sites
     if policy == "all":
         return Selection(None)
@@ -47,17 +47,23 @@ def choose_sites(recipe: Recipe, sites: list[Site], statistics: dict | None) -> 
     return Selection([s.name for s in sorted(chosen, key=lambda s: s.layer_index)])
 
 
+HEAD_RANKINGS = {"recent-heads": ("recency", True), "sparse-heads": ("entropy", False)}
+"""Head policies that rank by a statistic of the teacher's attention: which one, and whether highest first."""
+
+
 def _heads(policy: SitePolicy, sites: list[Site], statistics: dict | None) -> Selection:
     """recent-heads: units (heads, or with `kv_groups` whole key/value groups) whose recency ratio passes
-    the threshold, or the given fraction of all units, most recent first. random-heads: the same fraction,
-    drawn with the policy's seed. `per_layer` caps how many units one layer gives."""
+    the threshold, or the given fraction of all units, most recent first. sparse-heads: the fraction whose
+    attention entropy is lowest. random-heads: the fraction drawn with the policy's seed. A unit of several
+    heads ranks by their mean. `per_layer` caps how many units one layer gives."""
     every = _units(policy, sites)
     if policy.policy == "random-heads":
         ranked = [(0.0, name, heads) for name, heads in random.Random(policy.seed).sample(every, len(every))]
     else:
-        recency = {s.name: statistics[s.name]["heads"]["recency"] for s in sites}
-        ranked = sorted(((sum(recency[name][h] for h in heads) / len(heads), name, heads) for name, heads in every),
-                        reverse=True)
+        metric, highest_first = HEAD_RANKINGS[policy.policy]
+        values = {s.name: statistics[s.name]["heads"][metric] for s in sites}
+        ranked = sorted(((sum(values[name][h] for h in heads) / len(heads), name, heads) for name, heads in every),
+                        reverse=highest_first)
     if policy.threshold is not None:
         wanted = [(name, heads) for ratio, name, heads in ranked if ratio >= policy.threshold]
         if not wanted:
