@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from pathlib import Path
 from typing import Callable
@@ -13,6 +14,7 @@ from torch.nn.parallel import DistributedDataParallel
 from replacer.train.batches import BatchPlan
 from replacer.distill.lora import add_lora, is_lora_parameter, merge_lora
 from replacer.train.loop import train_loop
+from replacer.train.sharding import sharded
 from replacer.train.distributed import SINGLE, World
 from replacer.errors import ReplacerError
 from replacer.train.optimizers import adam
@@ -60,34 +62,40 @@ def tune_end_to_end(
     rate and merged into their layers when training ends (`replacer.distill.lora`).
 
     Returns the mean loss of the last 10% of steps. Under torchrun the student runs under
-    DistributedDataParallel and each rank takes its share of every batch, so the ranks together
+    DistributedDataParallel, or with `spec.parallel == "fsdp"` sharded across the ranks
+    (`replacer.train.sharding`), and each rank takes its share of every batch, so the ranks together
     see exactly the batches one process would.
     """
     if plan.batch_size < world.size:
         raise ReplacerError(f"data.batch_size {plan.batch_size} is smaller than the {world.size} processes: raise it")
+    shard = world.distributed and spec.parallel == "fsdp"
+    if shard and penalty is not None:
+        raise ReplacerError("a penalty on the student's weights (prune.importance: hoyer) needs tune.parallel: ddp")
     saved_flags = {n: p.requires_grad for n, p in student.named_parameters()}
     if spec.train == "lora":
         add_lora(student, spec.lora)
-    params = trainable_parameters(student, spec.train)
+    chosen = trainable_parameters(student, spec.train)
     for name, p in student.named_parameters():
-        p.requires_grad_(name in params)
-    mixers = [p for n, p in params.items() if ".mixer." in f".{n}" or is_lora_parameter(n)]
-    others = [p for n, p in params.items() if not (".mixer." in f".{n}" or is_lora_parameter(n))]
-    groups = [{"params": mixers, "scale": 1.0}, {"params": others, "scale": spec.other_lr_scale}]
-    optimizer = adam([g for g in groups if g["params"]], lr=spec.lr)
+        p.requires_grad_(name in chosen)
     teacher.eval()
     student.eval()  # dropout off: the student should reproduce the teacher's deterministic function
-    model = DistributedDataParallel(student, find_unused_parameters=True) if world.distributed else student
-
-    def loss_at(step: int) -> torch.Tensor:
-        loss = student_loss(model, teacher, task, plan.batch(step, world), spec)
-        return loss if penalty is None else loss + penalty()
-
     try:
-        loss = train_loop(
-            params, optimizer, loss_at, spec.steps, spec.lr, spec.checkpoint_every, state_path,
-            record or {"stage": "tune"}, advance, log, world,
-        )
+        with sharded(student, world) if shard else contextlib.nullcontext(student) as trained:
+            params = {n: p for n, p in trained.named_parameters() if n in chosen}
+            mixers = [p for n, p in params.items() if ".mixer." in f".{n}" or is_lora_parameter(n)]
+            others = [p for n, p in params.items() if not (".mixer." in f".{n}" or is_lora_parameter(n))]
+            groups = [{"params": mixers, "scale": 1.0}, {"params": others, "scale": spec.other_lr_scale}]
+            optimizer = adam([g for g in groups if g["params"]], lr=spec.lr)
+            model = DistributedDataParallel(trained, find_unused_parameters=True) if world.distributed and not shard else trained
+
+            def loss_at(step: int) -> torch.Tensor:
+                loss = student_loss(model, teacher, task, plan.batch(step, world), spec)
+                return loss if penalty is None else loss + penalty()
+
+            loss = train_loop(
+                params, optimizer, loss_at, spec.steps, spec.lr, spec.checkpoint_every, state_path,
+                record or {"stage": "tune"}, advance, log, world,
+            )
         if spec.train == "lora":
             merge_lora(student)
     finally:

@@ -11,6 +11,7 @@ from torch import nn
 
 from replacer.train.distributed import SINGLE, World
 from replacer.errors import DivergedError
+from replacer.train.sharding import full, is_sharded
 from replacer.train.state import load_state, save_state
 from replacer.progress import Advance
 
@@ -36,7 +37,9 @@ def train_loop(
     data parallelism (`world`), every rank holds the same state: rank 0 saves it and logs the loss
     averaged over ranks.
     """
-    save = save_state if world.is_main else lambda *_: None
+    def save(meta: dict) -> None:
+        save_state(state_path, params, optimizer, meta, write=world.is_main)
+
     meta = load_state(state_path, params, optimizer) or {"step": 0, "losses": []}
     losses: list[float] = meta["losses"]
     try:
@@ -57,9 +60,10 @@ def train_loop(
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
                 for name, p in params.items():
                     _check_finite(p, f"parameter {name}", record, step, meta["step"], checkpoint_every)
-                save(state_path, params, optimizer, {"step": step + 1, "losses": losses})
+                save({"step": step + 1, "losses": losses})
     except KeyboardInterrupt:  # keep every finished step; the loss list says how many
-        save(state_path, params, optimizer, {"step": len(losses), "losses": losses})
+        if not any(map(is_sharded, params.values())):  # shards would need every rank to gather:
+            save({"step": len(losses), "losses": losses})  # a sharded run resumes from its last periodic checkpoint
         raise
     tail = losses[-max(1, len(losses) // 10) :]
     return sum(tail) / len(tail) if tail else float("nan")
@@ -70,6 +74,7 @@ def _check_finite(value: torch.Tensor, what: str, record: dict, step: int, resum
 
     Nothing is saved from a diverged step, so the last checkpoint (if any) stays the last good state.
     """
+    value = full(value)  # a sharded parameter or a norm over shards: every rank checks the whole
     if bool(torch.isfinite(value).all()):
         return
     label = ", ".join(f"{k} {v}" for k, v in record.items()) or "training"

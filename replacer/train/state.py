@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from replacer.files import read_or_explain, remove_leftovers, temporary_name, write_atomically  # noqa: F401
+from replacer.train.sharding import full, like
 
 META = "replacer_training_state"
 
@@ -26,20 +27,27 @@ def _file(path: Path) -> Path:
     return path.with_name(path.name + ".safetensors")
 
 
-def save_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    """`<path>.safetensors` holds parameters and optimizer tensors, and in its metadata the step and the rest."""
-    tensors = {f"param.{k}": v.detach().contiguous() for k, v in params.items()}
+def save_state(
+    path: Path, params: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer, meta: dict[str, Any], write: bool = True,
+) -> None:
+    """`<path>.safetensors` holds parameters and optimizer tensors, and in its metadata the step and the rest.
+
+    Sharded tensors (`tune.parallel: fsdp`) are gathered whole first, so every rank calls this and the
+    file is the same whatever the number of ranks; only a caller with `write` writes it.
+    """
+    tensors = {f"param.{k}": full(v).detach().contiguous() for k, v in params.items()}
     index = {id(p): i for i, p in enumerate(params.values())}
     scalars: dict[str, Any] = {}
     for p, st in optimizer.state.items():
         for key, value in st.items():
             name = f"opt.{index[id(p)]}.{key}"
             if torch.is_tensor(value):
-                tensors[name] = value.detach().contiguous()
+                tensors[name] = full(value).detach().contiguous()
             else:
                 scalars[name] = value
-    metadata = {META: json.dumps({**meta, "optimizer_scalars": scalars})}
-    write_atomically(_file(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    if write:
+        metadata = {META: json.dumps({**meta, "optimizer_scalars": scalars})}
+        write_atomically(_file(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def _read(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -64,11 +72,12 @@ def load_state(path: Path, params: dict[str, nn.Parameter], optimizer: torch.opt
     def restore(_: Path) -> None:
         with torch.no_grad():
             for k, p in params.items():
-                p.copy_(tensors[f"param.{k}"])
+                p.copy_(like(tensors[f"param.{k}"], p))
         for name, value in list(tensors.items()) + list(meta.pop("optimizer_scalars").items()):
             if name.startswith("opt."):
                 _, i, key = name.split(".", 2)
-                optimizer.state[plist[int(i)]][key] = value
+                param = plist[int(i)]
+                optimizer.state[param][key] = like(value, param) if torch.is_tensor(value) else value
 
     read_or_explain(file, restore, fix)
     return meta
