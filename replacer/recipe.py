@@ -403,6 +403,11 @@ class Recipe(Strict):
         later = [s for s in LATER if not (s == "tune" and self.sparsify.enabled)]
         return _digest(self.model_dump(mode="json", exclude={"run_dir", *later}, exclude_defaults=True))
 
+    def fingerprint_before_retuning(self) -> str:
+        """The fingerprint runs recorded before a changed tune section could be redone (it counted tune in), so
+        those runs still resume."""
+        return _digest(self.model_dump(mode="json", exclude={"run_dir", *LATER[1:]}, exclude_defaults=True))
+
     def section_fingerprints(self) -> dict[str, str]:
         """The sections of stages that may change on a finished run: each reruns its stage and the ones after."""
         return {section: _digest(getattr(self, section).model_dump(mode="json", exclude_defaults=True)) for section in LATER}

@@ -109,6 +109,26 @@ def test_changed_tune_section_retunes_from_the_distilled_student(tmp_path):
     assert "tune" not in untuned["stages"] and not (run / "students" / "tuned").exists()
 
 
+def test_a_run_recorded_before_tune_could_change_still_resumes(tmp_path):
+    recipe = load_recipe(tiny_text_recipe(tmp_path, distill_steps=2, tune_steps=1))
+    run_recipe(recipe)
+    state_file = tmp_path / "run" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["fingerprint"] = recipe.fingerprint_before_retuning()  # what such a run recorded
+    state["sections"].pop("tune")
+    state_file.write_text(json.dumps(state))
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().count("\n")
+    run_recipe(recipe)  # resumes: nothing is redone
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count("\n") == lines
+    assert json.loads(state_file.read_text())["fingerprint"] == recipe.fingerprint()
+    from replacer.recipe import RecipeError
+
+    state["fingerprint"] = load_recipe(tiny_text_recipe(tmp_path, distill_steps=3, tune_steps=1)).fingerprint_before_retuning()
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(RecipeError, match="different recipe"):  # an old run of other settings is still refused
+        run_recipe(recipe)
+
+
 def test_changed_tune_section_is_refused_when_the_sparse_teacher_recovered_with_it(tmp_path):
     from replacer.recipe import RecipeError
 

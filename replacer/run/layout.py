@@ -211,6 +211,8 @@ class RunDir:
         self.state_file = self.path / STATE
         self.state = self._read_state()
         fingerprint = recipe.fingerprint()
+        if self.state.get("fingerprint") == recipe.fingerprint_before_retuning():
+            self.state["fingerprint"] = fingerprint  # a run made before tune could change: the same run
         if self.state.get("fingerprint", fingerprint) != fingerprint:
             if self._holds_work():
                 self.release()
