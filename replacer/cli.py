@@ -114,7 +114,8 @@ def plugins() -> None:
         table.add_row(p.name, p.distribution, p.version, "\n".join(p.provides), status)
     console.print(table)
     console.print(
-        f"recurrent mixers with a fused kernel (lstm, gru) run on the CPU as: {fused.describe()}; "
+        f"recurrent mixers with a fused kernel (lstm, gru) run on the CPU as: {fused.describe('cpu')}, on CUDA as: "
+        f"{fused.describe('cuda')}; "
         "other cells run the reference loop (choose with REPLACER_RECURRENCE=auto|fused|reference)",
         highlight=False,
     )

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from replacer.errors import OptionsError
-from replacer.fused import GATE_BOUND, use_fused
+from replacer.fused import GATE_BOUND, KernelUnavailable, fall_back, use_fused
 from replacer.graph.site import LinearWeights, Site
 from replacer.mixer import MixerState, PruneGroup, ScanMixer
 
@@ -224,7 +224,10 @@ class MultiHeadRecurrence(ScanMixer):
         # bounded by |h| <= 1) keeps them out; sigmoid(-15) is already 3e-7, so little is lost.
         torch.set_flush_denormal(True)
         if self.takes_fused_path(x):
-            return self._fused_scan(x, state, padding_mask)
+            try:
+                return self._fused_scan(x, state, padding_mask)
+            except KernelUnavailable as exc:  # e.g. a padded batch on a kernel without step masks
+                fall_back(str(exc))
         B, N, _ = x.shape
         weights, _, input_widths = self._prepared()
         d, H, k = self.directions, self.heads, self.gate_blocks

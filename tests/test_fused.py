@@ -205,3 +205,89 @@ def test_recurrent_weight_gradients_do_not_depend_on_the_thread_count(plugin):
     assert kernel_summed
     for name in kernel_summed:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+@pytest.fixture
+def flashrnn_on_cpu(monkeypatch):
+    """The CUDA path's mapping onto FlashRNN, run on the CPU through FlashRNN's pure-torch backend."""
+    pytest.importorskip("flashrnn")
+    from replacer.fused import flashrnn_scan
+
+    monkeypatch.setattr(flashrnn_scan, "BACKEND", "vanilla")
+    monkeypatch.setattr(fused, "kernels", lambda tensor: flashrnn_scan)
+    return flashrnn_scan
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_flashrnn_mapping_equals_reference(flashrnn_on_cpu, plugin, causal, batch):
+    mixer = _mixer(plugin, causal)
+    x = torch.randn(batch, 11, 48)
+    _assert_same(_run(mixer, "fused", x, None), _run(mixer, "reference", x, None))
+
+
+@pytest.mark.parametrize("plugin", PLUGINS)
+def test_flashrnn_mapping_with_a_carried_state_and_uneven_widths(flashrnn_on_cpu, plugin):
+    mixer = _mixer(plugin, causal=True)
+    for group, width in ((0, 3), (2, 6)):
+        _narrow(mixer, group, width)
+    x = torch.randn(2, 9, 48)
+    state = tuple(torch.randn(2, 3, 8) * 0.5 for _ in range(mixer.state_size))
+    _assert_same(_run(mixer, "fused", x, None, state), _run(mixer, "reference", x, None, state))
+
+
+def test_flashrnn_refuses_padded_batches_and_the_loop_takes_them(flashrnn_on_cpu, monkeypatch):
+    mixer = _mixer("lstm", causal=False)
+    x, mask = torch.randn(3, 13, 48), _mask(3, 13)
+    _assert_same(_run(mixer, "auto", x, mask), _run(mixer, "reference", x, mask))
+    with pytest.raises(RuntimeError, match="no step mask"):
+        _run(mixer, "fused", x, mask)
+    called, kernel = [], flashrnn_on_cpu._call
+    monkeypatch.setattr(flashrnn_on_cpu, "_call", lambda *a: called.append(a) or kernel(*a))
+    full = torch.ones(3, 13, dtype=torch.bool)  # a mask without padding is no mask
+    _assert_same(_run(mixer, "fused", x, full), _run(mixer, "reference", x, full))
+    assert called
+
+
+def test_a_flashrnn_failure_is_remembered_and_the_loop_runs(flashrnn_on_cpu, monkeypatch):
+    import flashrnn
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("nvcc not found")
+
+    monkeypatch.setattr(flashrnn, "flashrnn", broken)
+    monkeypatch.setattr(flashrnn_on_cpu, "_failed", {})
+    mixer = _mixer("gru", causal=True)
+    x = torch.randn(2, 7, 48)
+    for _ in range(2):
+        _assert_same(_run(mixer, "auto", x, None), _run(mixer, "reference", x, None))
+    assert len(calls) == 1
+    with pytest.raises(RuntimeError, match="nvcc not found"):
+        _run(mixer, "fused", x, None)
+
+
+def test_cuda_path_needs_flashrnn_and_says_so(monkeypatch):
+    from replacer.fused import autograd, flashrnn_scan
+
+    monkeypatch.setattr(flashrnn_scan, "unavailable_reason", lambda: "flashrnn is not installed (pip install 'replacer[cuda]')")
+    assert "replacer[cuda]" in fused.path_reason("cuda", torch.float32)
+    assert fused.describe("cuda").startswith("reference loop (flashrnn is not installed")
+    monkeypatch.setattr(flashrnn_scan, "unavailable_reason", lambda: None)
+    assert fused.path_reason("cuda", torch.bfloat16) is None and fused.describe("cuda") == "FlashRNN CUDA kernels"
+    assert "float16 or bfloat16" in fused.path_reason("cuda", torch.float64)
+    assert "on meta" in fused.fused_reason(torch.empty(1, device="meta"))
+    assert fused.kernels(torch.zeros(1)) is autograd and fused.describe() == "fused numba kernels"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("plugin", PLUGINS)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_flashrnn_cuda_kernels_equal_reference(plugin, causal):
+    pytest.importorskip("flashrnn")
+    mixer = _mixer(plugin, causal, hidden=16).cuda()
+    x = torch.randn(4, 33, 48, device="cuda")
+    _assert_same(_run(mixer, "fused", x, None), _run(mixer, "reference", x, None))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from replacer import fused
 from replacer.graph.site import LinearWeights, Site
 from replacer.recurrent import MultiHeadRecurrence, RecurrentOptions
 
@@ -38,9 +39,7 @@ class MultiHeadGRU(MultiHeadRecurrence):
         self, gx: torch.Tensor, bias: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
         widths: list[int], padding_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        from replacer.fused.autograd import gru_scan
-
-        return gru_scan(gx, bias, weights["weight_hh"], weights["bias_hh"], widths, carried, padding_mask, self.heads)
+        return fused.kernels(gx).gru_scan(gx, bias, weights["weight_hh"], weights["bias_hh"], widths, carried, padding_mask, self.heads)
 
 
 MultiHeadGRU.fused_cell = MultiHeadGRU.cell

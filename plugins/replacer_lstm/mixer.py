@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
+from replacer import fused
 from replacer.graph.site import LinearWeights, Site
 from replacer.recurrent import MultiHeadRecurrence, RecurrentOptions
 
@@ -44,9 +45,7 @@ class MultiHeadLSTM(MultiHeadRecurrence):
         self, gx: torch.Tensor, bias: torch.Tensor, carried: tuple[torch.Tensor, ...], weights: dict[str, torch.Tensor],
         widths: list[int], padding_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        from replacer.fused.autograd import lstm_scan
-
-        return lstm_scan(gx, bias, weights["weight_hh"], widths, carried, padding_mask, self.heads)
+        return fused.kernels(gx).lstm_scan(gx, bias, weights["weight_hh"], widths, carried, padding_mask, self.heads)
 
 
 MultiHeadLSTM.fused_cell = MultiHeadLSTM.cell
