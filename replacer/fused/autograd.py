@@ -8,6 +8,8 @@ started from.
 
 from __future__ import annotations
 
+import functools
+
 import numba
 import torch
 
@@ -28,8 +30,10 @@ def _run(kernel, *args) -> None:
         kernel(*args)
 
 
-def _groups(widths: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The groups' live widths and the groups in order of decreasing width (the kernels' work order)."""
+@functools.lru_cache(maxsize=256)
+def _groups(widths: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The groups' live widths and the groups in order of decreasing width (the kernels' work order); cached, as
+    building and sorting them cost more than a short recurrence (the kernels only read them)."""
     live = torch.tensor(widths, dtype=torch.int64)
     return live, torch.argsort(live, descending=True, stable=True)
 
@@ -136,7 +140,7 @@ def lstm_scan(
     `widths` live units each (padded to the widest, h)."""
     h0, c0 = (s.contiguous() for s in state)
     keep, masked = _keep(padding_mask, h0.shape[1])
-    live, order = _groups(widths)
+    live, order = _groups(tuple(widths))
     if _tracked(gx, bias, w, h0, c0):
         hs, h_n, c_n = _LSTM.apply(gx.contiguous(), bias.contiguous(), w.contiguous(), live, order, h0, c0, keep, masked,
                                    heads)
@@ -156,7 +160,7 @@ def gru_scan(
     """Outputs `(H, B*N, d*h)` and the final `(h,)` `(G, B, h)` of a grouped GRU (groups as in `lstm_scan`)."""
     h0 = state[0].contiguous()
     keep, masked = _keep(padding_mask, h0.shape[1])
-    live, order = _groups(widths)
+    live, order = _groups(tuple(widths))
     if _tracked(gx, bias, w, bias_hh, h0):
         hs, h_n = _GRU.apply(gx.contiguous(), bias.contiguous(), w.contiguous(), live, order, bias_hh.contiguous(), h0,
                              keep, masked, heads)
