@@ -109,3 +109,29 @@ def test_a_killed_lora_tuning_resumes_from_its_checkpoint_to_the_same_student(tm
     one = load_file(tmp_path / "whole" / "run" / "students" / "tuned" / "model.safetensors")
     two = load_file(tmp_path / "killed" / "run" / "students" / "tuned" / "model.safetensors")
     assert set(one) == set(two) and all(torch.equal(one[n], two[n]) for n in one)
+
+
+def test_an_encoder_tuned_with_lora_exports_merged_weights_that_sentence_transformers_encodes_as_evaluated(tmp_path):
+    """The quickstart's path: an embedding model, LoRA on BERT's kept linear layers, the sentence-transformers folder."""
+    from sentence_transformers import SentenceTransformer
+
+    from helpers import tiny_text_recipe
+    from replacer.tasks import EmbeddingTask
+
+    recipe = load_recipe(tiny_text_recipe(tmp_path, distill_steps=2, tune_steps=6),
+                         ["tune.train=lora", "tune.lora.rank=4", "tune.lora.alpha=8", "tune.lr=0.02", "evaluate.latency=false"])
+    run_recipe(recipe)
+    run = tmp_path / "run"
+    distilled = load_file(run / "students" / "distilled" / "model.safetensors")
+    tuned = load_file(run / "students" / "tuned" / "model.safetensors")
+    assert set(tuned) == set(distilled)
+    changed = {n for n in tuned if not torch.equal(tuned[n], distilled[n])}
+    adapted = {f"encoder.layer.{i}.{m}.weight" for i in range(2)
+               for m in ("attention.output.dense", "intermediate.dense", "output.dense")}
+    assert adapted <= changed and all(".mixer." in n for n in changed - adapted)
+    texts = ["alpha beta gamma", "tau sigma rho pi omicron xi nu mu"]
+    task = EmbeddingTask(replacer.get_registry().load_tokenizer("minilm"), 16)
+    with torch.no_grad():
+        expected = task.run(replacer.load(run / "model", trust_remote_code=True), task.collate(texts))["embedding"]
+    folder = SentenceTransformer(str(run / "sentence-transformers"), trust_remote_code=True, device="cpu", local_files_only=True)
+    torch.testing.assert_close(folder.encode(texts, convert_to_tensor=True), expected, atol=1e-6, rtol=1e-5)
