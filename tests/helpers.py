@@ -1,5 +1,6 @@
 """Helpers several test modules share: tiny text recipes (an encoder's, a decoder's), random word texts,
-an IDX writer, greedy decoding without a cache (the reference `generate` is held to)."""
+an IDX writer, greedy decoding without a cache (the reference `generate` is held to), embeddings of a
+sentence-transformers folder and of the saved model it was exported from."""
 
 from __future__ import annotations
 
@@ -91,3 +92,22 @@ def cut_zeroed_groups(model: torch.nn.Module, index, chosen: list[int], run) -> 
         model.replacer_record.setdefault("shapes", {}).update(shrink(model, index, chosen))
         torch.testing.assert_close(run(model), before, atol=1e-5, rtol=1e-5)
     return params - model_parameters(model)
+
+
+def folder_embeddings(folder: Path, texts: list[str]):
+    """The sentence-transformers folder loaded offline, and its embeddings of `texts`."""
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu", local_files_only=True)
+    return model, model.encode(texts, convert_to_tensor=True)
+
+
+def saved_embeddings(saved: Path, texts: list[str], max_length: int = 256) -> torch.Tensor:
+    """What replacer's embedding task computes from a saved model (the reference an export is held to)."""
+    import replacer
+    from replacer.tasks import EmbeddingTask
+
+    task = EmbeddingTask(replacer.get_registry().load_tokenizer("minilm"), max_length)
+    with torch.no_grad():
+        model = replacer.load(saved, trust_remote_code=True)  # a run's teacher may be conftest's
+        return task.run(model, task.collate(texts))["embedding"]

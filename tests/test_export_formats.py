@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import replacer
 from conftest import tiny_text_bert
+from helpers import folder_embeddings, saved_embeddings
 from replacer.cli import app
 from replacer.ecosystem import ModelContext
 from replacer.exporting import export_formats, export_into
@@ -22,15 +23,11 @@ runner = CliRunner()
 
 
 def _embeddings(folder, texts=TEXTS):
-    model = SentenceTransformer(str(folder), trust_remote_code=True, device="cpu", local_files_only=True)
-    return model, model.encode(texts, convert_to_tensor=True)
+    return folder_embeddings(folder, texts)
 
 
 def _reference(saved, texts=TEXTS, max_length=256):
-    task = EmbeddingTask(replacer.get_registry().load_tokenizer("minilm"), max_length)
-    with torch.no_grad():
-        model = replacer.load(saved, trust_remote_code=True)  # the run's teacher is conftest's
-        return task.run(model, task.collate(texts))["embedding"]
+    return saved_embeddings(saved, texts, max_length)
 
 
 def test_a_sentence_transformers_export_encodes_as_the_replaced_model(tmp_path):
