@@ -22,22 +22,14 @@ TEXTS = ["The quick brown fox jumps over the lazy dog.", "Attention becomes a re
 runner = CliRunner()
 
 
-def _embeddings(folder, texts=TEXTS):
-    return folder_embeddings(folder, texts)
-
-
-def _reference(saved, texts=TEXTS, max_length=256):
-    return saved_embeddings(saved, texts, max_length)
-
-
 def test_a_sentence_transformers_export_encodes_as_the_replaced_model(tmp_path):
     student = replacer.replace(tiny_text_bert(), "lstm", options={"hidden_per_head": 4}).eval()
     context = ModelContext("conftest:tiny_text_bert", "minilm", "embedding", 256)
     (exporter,) = export_formats(["sentence-transformers"], context)
     export_into(exporter, student, tmp_path / "st", context)
-    model, embeddings = _embeddings(tmp_path / "st")
+    model, embeddings = folder_embeddings(tmp_path / "st", TEXTS)
     assert [type(m).__name__ for m in model] == ["ReplacerEncoder", "Pooling", "Normalize"]  # as the embedding task pools
-    torch.testing.assert_close(embeddings, _reference(tmp_path / "st" / "replacer_model"), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(embeddings, saved_embeddings(tmp_path / "st" / "replacer_model", TEXTS), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="trust_remote_code=True"):  # sentence-transformers' own opt-in for a module class
         SentenceTransformer(str(tmp_path / "st"), device="cpu")
 
@@ -58,9 +50,9 @@ def test_a_run_writes_both_formats_by_default_and_replacer_export_writes_one(tmp
     recipe = tiny_text_recipe(tmp_path, distill_steps=2, tune_steps=2)
     assert runner.invoke(app, ["run", str(recipe)]).exit_code == 0
     run = tmp_path / "run"
-    st, embeddings = _embeddings(run / "sentence-transformers")
+    st, embeddings = folder_embeddings(run / "sentence-transformers", TEXTS)
     assert st.max_seq_length == 16  # what the run trained on, where the teacher folder does not say
-    torch.testing.assert_close(embeddings, _reference(run / "model", max_length=16), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(embeddings, saved_embeddings(run / "model", TEXTS, max_length=16), atol=1e-6, rtol=1e-5)
     report = json.loads((run / "report.json").read_text())
     assert set(report["ecosystem"]["sentence-transformers"]) == {"teacher", "student", "untrained"}
     assert "## sentence-transformers evaluation (held-out data)" in (run / "report.md").read_text()
@@ -70,14 +62,14 @@ def test_a_run_writes_both_formats_by_default_and_replacer_export_writes_one(tmp
     result = runner.invoke(app, ["export", str(run), "--format", "sentence-transformers", "--out", str(tmp_path / "again"),
                                   "--trust-remote-code"])
     assert result.exit_code == 0, result.output
-    torch.testing.assert_close(_embeddings(tmp_path / "again")[1], embeddings, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(folder_embeddings(tmp_path / "again", TEXTS)[1], embeddings, atol=1e-6, rtol=1e-5)
     saved = runner.invoke(app, ["export", str(run / "model"), "--format", "sentence-transformers", "--out", str(tmp_path / "from-model"),
                                 "--teacher", "minilm", "--trust-remote-code"])
     assert saved.exit_code == 0, saved.output
     # pooling and the longest input as the teacher's sentence-transformers folder declares them
-    from_model, encoded = _embeddings(tmp_path / "from-model")
+    from_model, encoded = folder_embeddings(tmp_path / "from-model", TEXTS)
     assert from_model.max_seq_length == 256
-    torch.testing.assert_close(encoded, _reference(run / "model"), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(encoded, saved_embeddings(run / "model", TEXTS), atol=1e-6, rtol=1e-5)
 
 
 def test_replacer_export_refuses_bad_arguments_in_one_line(tmp_path):
@@ -109,12 +101,12 @@ def test_the_teacher_folders_pooling_and_normalisation_are_kept(tmp_path):
     context = ModelContext("minilm", "minilm", "embedding", 64)
     (exporter,) = export_formats(["sentence-transformers"], context)
     export_into(exporter, student, tmp_path / "st", context)
-    model, embeddings = _embeddings(tmp_path / "st")
+    model, embeddings = folder_embeddings(tmp_path / "st", TEXTS)
     assert model.max_seq_length == 256  # the teacher folder's, not the recipe's
     teacher = SentenceTransformer(str(minilm_dir()), device="cpu", local_files_only=True)
     assert [type(m).__name__ for m in model] == ["ReplacerEncoder", "Pooling", "Normalize"]
     assert model[1].get_config_dict() == teacher[1].get_config_dict()
-    torch.testing.assert_close(embeddings, _reference(tmp_path / "st" / "replacer_model"), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(embeddings, saved_embeddings(tmp_path / "st" / "replacer_model", TEXTS), atol=1e-6, rtol=1e-5)
 
 
 def test_the_sentence_transformers_evaluation_scores_held_out_halves_as_a_reference_does():
